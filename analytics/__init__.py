@@ -1,0 +1,1 @@
+"""callgate's read side: pure folds, projections rebuilt from the event log, Datasette wiring."""

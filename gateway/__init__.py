@@ -1,0 +1,1 @@
+"""callgate's write side: receive, decrypt, validate, log and forward EnableX webhooks."""
