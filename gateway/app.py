@@ -1,0 +1,206 @@
+"""The Flask gateway: EnableX's `event_url`.
+
+A request is answered 2xx only after its event committed; anything refused is
+kept in `rejections` and answered with `{"error", "detail"}`; a failing
+database gets 503 + Retry-After so EnableX redelivers. Never a 500.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from gateway import eventlog, metrics
+from gateway.config import Config
+from gateway.ingest import Headers, Outcome, Rejected, ingest_request, reject
+
+log = logging.getLogger("callgate.gateway")
+RETRY_AFTER_SECONDS = "5"
+
+
+class Store:
+    """One SQLite connection per worker process and thread, opened after fork."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._local = threading.local()
+        self._schema_ready = False
+
+    def conn(self) -> sqlite3.Connection:
+        cached = getattr(self._local, "conn", None)
+        if cached is not None and getattr(self._local, "pid", None) == os.getpid():
+            return cached
+        conn = eventlog.connect(self.config.db_path, self.config.synchronous)
+        if not self._schema_ready:
+            eventlog.ensure_schema(conn)
+            self._schema_ready = True
+        self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def reset(self) -> None:
+        """Drop this thread's connection after a storage error; the next request reopens."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+def _json(body: dict[str, Any], status: int, **headers: str) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def create_app(config: Config | None = None) -> Flask:
+    config = config or Config.from_env()
+    config.ensure_db_dir()
+    app = Flask("callgate")
+    app.config["CALLGATE"] = config
+    # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
+    app.config["MAX_CONTENT_LENGTH"] = None
+    store = Store(config)
+    app.extensions["callgate_store"] = store
+    eventlog.ensure_schema(store.conn())
+
+    def storage_failure(exc: sqlite3.Error, started: float) -> Response:
+        store.reset()
+        metrics.STORAGE_ERRORS.inc()
+        metrics.observe("unavailable", "storage", time.perf_counter() - started)
+        log.warning("outcome=unavailable error=storage detail=%s", type(exc).__name__)
+        return _json(
+            {"error": "storage_unavailable", "detail": "the event log is not writable; retry"},
+            503,
+            Retry_After=RETRY_AFTER_SECONDS,
+        )
+
+    def handle(path: str) -> Response:
+        started = time.perf_counter()
+        headers = Headers.of(request.headers.items())
+        body = _read_body(config.max_body)
+        conn = store.conn()
+        try:
+            if request.method != "POST":
+                outcome = reject(
+                    conn,
+                    Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"),
+                    headers,
+                    body,
+                    request.method,
+                    path,
+                    request.remote_addr,
+                )
+            else:
+                outcome = ingest_request(
+                    conn, config, headers, body, path=path, remote_addr=request.remote_addr
+                )
+        except sqlite3.Error as exc:
+            return storage_failure(exc, started)
+        return _answer(outcome, started)
+
+    @app.route("/webhooks/enablex", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def webhook() -> Response:
+        if config.webhook_token:
+            return _wrong_token("/webhooks/enablex")
+        return handle("/webhooks/enablex")
+
+    @app.route("/webhooks/enablex/<token>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def webhook_with_token(token: str) -> Response:
+        if not config.webhook_token or token != config.webhook_token:
+            return _wrong_token("/webhooks/enablex/<redacted>")
+        return handle("/webhooks/enablex/<token>")
+
+    def _wrong_token(path: str) -> Response:
+        started = time.perf_counter()
+        headers = Headers.of(request.headers.items())
+        body = _read_body(config.max_body)
+        try:
+            outcome = reject(
+                store.conn(),
+                Rejected("bad_token", "no webhook endpoint at this path"),
+                headers,
+                body,
+                request.method,
+                path,
+                request.remote_addr,
+            )
+        except sqlite3.Error as exc:
+            return storage_failure(exc, started)
+        return _answer(outcome, started)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        try:
+            conn = store.conn()
+            conn.execute("SELECT count(*) FROM (SELECT 1 FROM events LIMIT 1)").fetchone()
+            seq, _ = eventlog.head(conn)
+        except sqlite3.Error as exc:
+            store.reset()
+            return _json({"status": "unavailable", "detail": type(exc).__name__}, 503)
+        return _json({"status": "ok", "head_seq": seq}, 200)
+
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        try:
+            payload = metrics.render(store.conn())
+        except sqlite3.Error as exc:
+            store.reset()
+            return _json({"error": "storage_unavailable", "detail": type(exc).__name__}, 503)
+        return Response(payload, mimetype=metrics.CONTENT_TYPE)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "http_error").lower().replace(" ", "_")
+        return _json({"error": code, "detail": exc.description or code}, exc.code or 400)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        # Last line of defence: log the type only (never payloads), answer JSON.
+        log.error("outcome=error type=%s", type(exc).__name__)
+        if isinstance(exc, sqlite3.Error):
+            return _json({"error": "storage_unavailable", "detail": "retry"}, 503, Retry_After="5")
+        return _json(
+            {"error": "internal", "detail": "the request could not be processed; retry"},
+            503,
+            Retry_After=RETRY_AFTER_SECONDS,
+        )
+
+    return app
+
+
+def _read_body(limit: int) -> bytes:
+    """Never buffer more than the limit: a declared oversize body is sampled, not read.
+
+    The sample (the rejection's capped copy) is padded to limit+1 bytes so the
+    size check in `interpret` sees it as too large.
+    """
+    length = request.content_length
+    if length is not None and length > limit:
+        sample = request.stream.read(eventlog.BODY_CAP)
+        return sample + b"\0" * (limit + 1 - len(sample))
+    return request.stream.read(limit + 1)
+
+
+def _answer(outcome: Outcome, started: float) -> Response:
+    elapsed = time.perf_counter() - started
+    label = "rejected" if outcome.error else "duplicate" if outcome.duplicate else "accepted"
+    metrics.observe(label, outcome.error or "", elapsed)
+    log.info(
+        "outcome=%s error=%s class=%s seq=%s latency_ms=%.1f",
+        label,
+        outcome.error or "-",
+        outcome.event_class or "-",
+        outcome.seq if outcome.seq is not None else "-",
+        elapsed * 1000,
+    )
+    return _json(outcome.body, outcome.status)

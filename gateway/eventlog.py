@@ -1,0 +1,380 @@
+"""The immutable, hash-chained event log and the rejections table.
+
+The log is the only source of truth: every other table is a projection of
+it. An event is acknowledged only after the transaction holding it committed
+(WAL + synchronous=FULL by default), rows can never be changed (triggers),
+and each row's hash covers the previous row's hash, so `verify` finds any
+edit, deletion or reordering made behind the triggers' back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlite_utils
+
+from gateway.schemas import format_utc
+
+GENESIS_HASH = "0" * 64
+SCHEMA_VERSION = 1
+BODY_CAP = 64 * 1024
+HASHED_COLUMNS = (
+    "seq",
+    "event_id",
+    "app_id",
+    "voice_id",
+    "broadcast_id",
+    "class",
+    "state",
+    "occurred_at",
+    "received_at",
+    "payload",
+    "raw",
+    "content_hash",
+)
+ALLOWED_HEADERS = (
+    "content-type",
+    "content-length",
+    "x-algoritm",
+    "x-algorithm",
+    "x-format",
+    "x-encoding",
+    "user-agent",
+    "x-forwarded-for",
+    "x-request-id",
+)
+
+
+def utc_now() -> str:
+    return format_utc(datetime.now(UTC))
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces: the form that makes redeliveries byte-identical."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):  # e.g. integers beyond 64 bits
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(raw_obj: Any) -> str:
+    return hashlib.sha256(canonical_json(raw_obj).encode()).hexdigest()
+
+
+def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """SHA-256 over the previous hash and the canonical JSON of the row's own columns."""
+    body = canonical_json({column: row[column] for column in HASHED_COLUMNS})
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def connect(path: str, synchronous: str = "FULL", timeout: float = 5.0) -> sqlite3.Connection:
+    """A connection in autocommit mode: callers open explicit transactions."""
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    return conn
+
+
+def _synchronous(value: str) -> str:
+    value = value.upper()
+    if value not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {value!r}")
+    return value
+
+
+def _migrate_1(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    db["events"].create(
+        {
+            "seq": int,
+            "event_id": str,
+            "app_id": str,
+            "voice_id": str,
+            "broadcast_id": str,
+            "class": str,
+            "state": str,
+            "occurred_at": str,
+            "received_at": str,
+            "payload": str,
+            "raw": str,
+            "content_hash": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="seq",
+        not_null={
+            "event_id",
+            "class",
+            "occurred_at",
+            "received_at",
+            "payload",
+            "raw",
+            "content_hash",
+            "prev_hash",
+            "hash",
+        },
+    )
+    db["events"].create_index(["event_id"], unique=True)
+    db["events"].create_index(["content_hash"], unique=True)
+    db["events"].create_index(["voice_id", "occurred_at", "seq"])
+    db["events"].create_index(["broadcast_id"])
+    db["events"].create_index(["occurred_at"])
+    conn.execute(
+        "CREATE TRIGGER events_no_update BEFORE UPDATE ON events "
+        "BEGIN SELECT RAISE(ABORT, 'events is append-only: UPDATE refused'); END"
+    )
+    conn.execute(
+        "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
+        "BEGIN SELECT RAISE(ABORT, 'events is append-only: DELETE refused'); END"
+    )
+    db["rejections"].create(
+        {
+            "id": int,
+            "received_at": str,
+            "error": str,
+            "detail": str,
+            "http_status": int,
+            "method": str,
+            "path": str,
+            "headers": str,
+            "body": bytes,
+            "body_size": int,
+            "body_truncated": int,
+            "remote_addr": str,
+            "resolved_at": str,
+            "resolution": str,
+            "resolved_seq": int,
+        },
+        pk="id",
+        not_null={"received_at", "error", "http_status"},
+    )
+    db["rejections"].create_index(["error"])
+    db["rejections"].create_index(["resolved_at"])
+
+
+MIGRATIONS = {1: _migrate_1}
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create or migrate the log's tables; the version lives in PRAGMA user_version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[target](conn)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """What the ingest pipeline hands to the log for one accepted request."""
+
+    event: dict[str, Any]
+    raw_text: str
+    raw_obj: Any
+    app_label: str
+    received_at: str
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    seq: int
+    event_id: str
+    duplicate: bool
+
+
+def _head(conn: sqlite3.Connection) -> tuple[int, str]:
+    row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+def _insert(
+    conn: sqlite3.Connection, item: NewEvent, head: tuple[int, str], seen: dict[str, AppendResult]
+) -> tuple[AppendResult, tuple[int, str]]:
+    digest = content_hash(item.raw_obj)
+    if digest in seen:
+        original = seen[digest]
+        return AppendResult(original.seq, original.event_id, True), head
+    found = conn.execute(
+        "SELECT seq, event_id FROM events WHERE content_hash = ?", (digest,)
+    ).fetchone()
+    if found:
+        return AppendResult(found[0], found[1], True), head
+    seq = head[0] + 1
+    event = item.event
+    row = {
+        "seq": seq,
+        "event_id": "ev_" + digest[:24],
+        "app_id": item.app_label,
+        "voice_id": event.get("voice_id"),
+        "broadcast_id": event.get("broadcast_id"),
+        "class": event["class"],
+        "state": event.get("state"),
+        "occurred_at": event["occurred_at"],
+        "received_at": item.received_at,
+        "payload": canonical_json(event),
+        "raw": item.raw_text,
+        "content_hash": digest,
+    }
+    row["prev_hash"] = head[1]
+    row["hash"] = row_hash(head[1], row)
+    conn.execute(
+        "INSERT INTO events (seq, event_id, app_id, voice_id, broadcast_id, class, state, "
+        "occurred_at, received_at, payload, raw, content_hash, prev_hash, hash) "
+        "VALUES (:seq, :event_id, :app_id, :voice_id, :broadcast_id, :class, :state, "
+        ":occurred_at, :received_at, :payload, :raw, :content_hash, :prev_hash, :hash)",
+        row,
+    )
+    result = AppendResult(seq, row["event_id"], False)
+    seen[digest] = result
+    return result, (seq, row["hash"])
+
+
+def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[AppendResult]:
+    """Append events in one transaction (one fsync); duplicates return the original seq.
+
+    Returns only after COMMIT: the caller may acknowledge every result then.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        head = _head(conn)
+        seen: dict[str, AppendResult] = {}
+        results = []
+        for item in items:
+            result, head = _insert(conn, item, head, seen)
+            results.append(result)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def append(conn: sqlite3.Connection, item: NewEvent) -> AppendResult:
+    return append_batch(conn, [item])[0]
+
+
+def connected_before(conn: sqlite3.Connection, voice_id: str, occurred_at: str) -> bool:
+    """Whether the log already holds this call's `connected` earlier in event time."""
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE voice_id = ? AND occurred_at < ? AND class = 'call' "
+        "AND state = 'connected' LIMIT 1",
+        (voice_id, occurred_at),
+    ).fetchone()
+    return row is not None
+
+
+def record_rejection(
+    conn: sqlite3.Connection,
+    *,
+    error: str,
+    detail: str,
+    http_status: int,
+    body: bytes,
+    headers: Iterable[tuple[str, str]],
+    method: str = "POST",
+    path: str = "",
+    remote_addr: str | None = None,
+    received_at: str | None = None,
+) -> int:
+    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed."""
+    kept = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in ALLOWED_HEADERS:
+            kept[lower] = value[:512]
+    cursor = conn.execute(
+        "INSERT INTO rejections (received_at, error, detail, http_status, method, path, headers, "
+        "body, body_size, body_truncated, remote_addr) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            received_at or utc_now(),
+            error,
+            detail,
+            http_status,
+            method,
+            path,
+            json.dumps(kept, sort_keys=True),
+            body[:BODY_CAP],
+            len(body),
+            int(len(body) > BODY_CAP),
+            remote_addr,
+        ),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def resolve_rejection(
+    conn: sqlite3.Connection, rejection_id: int, resolution: str, seq: int | None
+) -> None:
+    conn.execute(
+        "UPDATE rejections SET resolved_at = ?, resolution = ?, resolved_seq = ? WHERE id = ?",
+        (utc_now(), resolution, seq, rejection_id),
+    )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+
+def iter_events(
+    conn: sqlite3.Connection, after: int = 0, batch: int = 5000
+) -> Iterator[sqlite3.Row]:
+    """Events in seq order, read in batches so a million-row log never sits in memory."""
+    last = after
+    while True:
+        rows = conn.execute(
+            "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, batch)
+        ).fetchall()
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1]["seq"]
+
+
+def verify(conn: sqlite3.Connection) -> VerifyResult:
+    """Walk the chain; name the first row whose position, link or content does not hold."""
+    prev_hash, expected_seq, checked = GENESIS_HASH, 1, 0
+    for row in iter_events(conn):
+        record = dict(row)
+        seq = record["seq"]
+        if seq != expected_seq:
+            return VerifyResult(False, checked, seq, prev_hash, seq, f"expected seq {expected_seq}")
+        if record["prev_hash"] != prev_hash:
+            return VerifyResult(False, checked, seq, prev_hash, seq, "prev_hash does not link")
+        if content_hash(json.loads(record["raw"])) != record["content_hash"]:
+            return VerifyResult(False, checked, seq, prev_hash, seq, "raw does not match hash")
+        if row_hash(prev_hash, record) != record["hash"]:
+            return VerifyResult(False, checked, seq, prev_hash, seq, "row hash mismatch")
+        prev_hash, expected_seq, checked = record["hash"], seq + 1, checked + 1
+    return VerifyResult(True, checked, expected_seq - 1, prev_hash)
+
+
+def head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """(seq, hash) of the newest event: what operators anchor elsewhere."""
+    return _head(conn)

@@ -1,0 +1,76 @@
+"""Prometheus metrics for the gateway, safe under several gunicorn worker processes.
+
+prometheus-client switches to its multiprocess value files when
+PROMETHEUS_MULTIPROC_DIR is set before it is imported; `callgate serve` sets it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import UTC, datetime
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter(
+    "callgate_webhook_requests_total",
+    "Webhook requests by outcome (accepted, duplicate, rejected) and error code.",
+    ["outcome", "error"],
+)
+DUPLICATES = Counter("callgate_webhook_duplicates_total", "Redelivered webhooks answered 2xx.")
+STORAGE_ERRORS = Counter(
+    "callgate_storage_errors_total", "Requests answered 503 because the database failed."
+)
+LATENCY = Histogram(
+    "callgate_ingest_seconds",
+    "Time from request received to answer, seconds.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def observe(outcome: str, error: str, seconds: float) -> None:
+    REQUESTS.labels(outcome=outcome, error=error).inc()
+    if outcome == "duplicate":
+        DUPLICATES.inc()
+    LATENCY.observe(seconds)
+
+
+def _age_registry(conn: sqlite3.Connection) -> CollectorRegistry:
+    """Log-derived gauges, read at scrape time so every worker reports the same truth."""
+    registry = CollectorRegistry()
+    age = Gauge(
+        "callgate_newest_event_age_seconds",
+        "Seconds since the newest logged event was received.",
+        registry=registry,
+    )
+    head = Gauge("callgate_log_head_seq", "Seq of the newest logged event.", registry=registry)
+    row = conn.execute("SELECT seq, received_at FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    if row:
+        received = datetime.strptime(row[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        age.set((datetime.now(UTC) - received).total_seconds())
+        head.set(row[0])
+    else:
+        age.set(float("nan"))
+        head.set(0)
+    return registry
+
+
+def render(conn: sqlite3.Connection) -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        text = generate_latest(registry)
+    else:
+        text = generate_latest(REGISTRY)
+    return text + generate_latest(_age_registry(conn))

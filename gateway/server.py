@@ -1,0 +1,105 @@
+"""Running the gateway under gunicorn, configured from code rather than a file.
+
+The settings are the gateway's defence against slow or abusive senders: a
+bounded number of worker threads, short keep-alive, header limits and a
+worker timeout, so one slow client cannot stall EnableX's deliveries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    threads: int = 8
+    worker_class: str = "gthread"
+    timeout: int = 30
+    keepalive: int = 5
+    max_requests: int = 0
+    access_log: bool = False
+
+
+def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
+    """The gunicorn configuration `callgate serve` and the benchmarks share."""
+    return {
+        "bind": f"{options.host}:{options.port}",
+        "workers": options.workers,
+        "threads": options.threads,
+        "worker_class": options.worker_class,
+        # A worker silent this long is killed and replaced (stuck request guard).
+        "timeout": options.timeout,
+        "graceful_timeout": 10,
+        "keepalive": options.keepalive,
+        # Concurrency cap per worker for gthread: further connections wait in the backlog.
+        "worker_connections": 100,
+        "backlog": 512,
+        "limit_request_line": 8190,
+        "limit_request_fields": 64,
+        "limit_request_field_size": 8190,
+        "max_requests": options.max_requests,
+        "accesslog": "-" if options.access_log else None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "callgate-gateway",
+        "child_exit": _child_exit,
+    }
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges from the multiprocess metrics directory."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def prepare_metrics_dir() -> str:
+    """A fresh per-server directory for prometheus-client's multiprocess files."""
+    existing = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if existing:
+        os.makedirs(existing, exist_ok=True)
+        return existing
+    path = tempfile.mkdtemp(prefix="callgate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+class GatewayServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn master whose workers each build the Flask app after fork."""
+
+    def __init__(self, options: ServeOptions, db_path: str) -> None:
+        self.options = options
+        self.db_path = db_path
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_settings(self.options).items():
+            if value is not None and key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from gateway.app import create_app
+        from gateway.config import Config
+
+        return create_app(Config.from_env(db_path=self.db_path))
+
+
+def serve(options: ServeOptions, db_path: str) -> None:
+    """Block serving the gateway; metrics files are cleaned up when gunicorn exits."""
+    created = os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None
+    metrics_dir = prepare_metrics_dir()
+    try:
+        GatewayServer(options, db_path).run()
+    finally:
+        if created:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
