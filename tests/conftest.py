@@ -1,0 +1,106 @@
+"""Shared fixtures: a temp database per test, the real Flask app, a real gunicorn server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.config import Config
+from tests.corpus import APP_ID
+
+REPO = Path(__file__).resolve().parent.parent
+CALLGATE = str(Path(sys.executable).parent / "callgate")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "callgate.db")
+
+
+@pytest.fixture
+def config(db_path: str) -> Config:
+    return Config(db_path=db_path, app_ids=(APP_ID,))
+
+
+@pytest.fixture
+def client(config: Config):  # type: ignore[no-untyped-def]
+    return create_app(config).test_client()
+
+
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+class RunningServer:
+    """`callgate serve` as a real subprocess in its own process group."""
+
+    def __init__(self, db: str, env: dict[str, str], workers: int = 2) -> None:
+        self.db = db
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RunningServer:
+        self.proc = subprocess.Popen(
+            [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
+             "--workers", str(self.workers)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        wait_http(self.url + "/healthz", proc=self.proc)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=20)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALLGATE_", "ENABLEX_"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["ENABLEX_APP_ID"] = APP_ID
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def server(db_path: str) -> Iterator[RunningServer]:
+    running = RunningServer(db_path, server_env()).start()
+    try:
+        yield running
+    finally:
+        running.stop()
