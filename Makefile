@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/callgate up $(ARGS)
+	$(BIN)/callgate up --demo-if-empty $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway analytics tests bench

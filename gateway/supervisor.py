@@ -1,0 +1,93 @@
+"""`callgate up`: every long-running part as a child process, stopped together.
+
+Each part is an ordinary `callgate` subcommand in its own process group, so
+the operator can also run them separately (systemd units, containers) with
+exactly the same behaviour. One Ctrl-C (or SIGTERM) stops them all: SIGTERM
+first, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GRACE_SECONDS = 10.0
+
+
+def callgate_executable() -> list[str]:
+    """The same `callgate` this process runs as (venv script, or `python -m`)."""
+    script = Path(sys.executable).parent / "callgate"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "gateway.cli"]
+
+
+@dataclass
+class Part:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    """Starts parts, watches them, and tears everything down when one dies or on a signal."""
+
+    def __init__(self, parts: Sequence[Part], env: dict[str, str] | None = None) -> None:
+        self.parts = list(parts)
+        self.env = env
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        for part in self.parts:
+            part.process = subprocess.Popen(part.argv, env=self.env, start_new_session=True)
+
+    def wait(self) -> int:
+        """Block until a signal or a part exits; return the exit code for `up`."""
+        previous = {
+            sig: signal.signal(sig, lambda *_: self.stopping.set())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            while not self.stopping.is_set():
+                for part in self.parts:
+                    if part.process is not None and part.process.poll() is not None:
+                        print(
+                            f"callgate up: {part.name} exited with {part.process.returncode}; "
+                            "stopping everything",
+                            file=sys.stderr,
+                        )
+                        self.stop()
+                        return part.process.returncode or 1
+                self.stopping.wait(0.5)
+            self.stop()
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        for part in self.parts:
+            _signal(part, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS
+        for part in self.parts:
+            if part.process is None:
+                continue
+            try:
+                part.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(part, signal.SIGKILL)
+                part.process.wait()
+
+
+def _signal(part: Part, sig: int) -> None:
+    if part.process is not None and part.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(part.process.pid, sig)
