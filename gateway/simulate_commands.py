@@ -1,0 +1,463 @@
+"""`callgate simulate`: send generated EnableX traffic to a gateway over real HTTP.
+
+The generator (`gateway.simulate`) decides *what* happens and when; this module encrypts
+each event exactly as EnableX does (Node createCipher via `gateway.crypto`), paces the
+requests in compressed wall-clock time over keep-alive connections, and reports what the
+gateway answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+import httpx
+
+from gateway.crypto import encrypt_event
+from gateway.simulate import DEMO_APP_ID, Delivery, Simulation, generate
+
+__all__ = [
+    "ALGORITHMS",
+    "DEMO_APP_ID",
+    "ENCODINGS",
+    "FORMATS",
+    "SendReport",
+    "WireOptions",
+    "render_request",
+    "run_demo",
+    "send_simulation",
+    "simulate_command",
+]
+
+# What the simulator offers (and the tests decrypt with openssl): the ciphers WIRE.md says
+# must work, plus Node's aliases.
+ALGORITHMS: tuple[str, ...] = tuple(
+    f"aes-{bits}-{mode}" for mode in ("cbc", "ctr", "ecb") for bits in (128, 192, 256)
+) + ("aes128", "aes192", "aes256")
+FORMATS: tuple[str, ...] = ("hex", "base64", "base64url")
+ENCODINGS: tuple[str, ...] = ("utf8", "utf16le")
+SPELLINGS: tuple[str, ...] = ("algoritm", "algorithm", "both")
+WEBHOOK_PATH = "/webhooks/enablex"
+
+
+@dataclass(frozen=True)
+class WireOptions:
+    """How requests are written: cipher, ciphertext format, text encoding, header names."""
+
+    app_id: str = DEMO_APP_ID
+    algorithm: str = "aes-256-cbc"
+    fmt: str = "hex"
+    encoding: str = "utf8"
+    spelling: str = "algoritm"
+    plain: bool = False
+
+
+def event_json(payload: dict[str, Any]) -> str:
+    """The plaintext as Node's JSON.stringify writes it (compact, non-ASCII kept)."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def render_request(payload: dict[str, Any], wire: WireOptions) -> tuple[dict[str, str], bytes]:
+    """Headers and body of one webhook POST, encrypted unless `wire.plain`."""
+    text = event_json(payload)
+    headers = {"Content-Type": "application/json"}
+    if wire.plain:
+        return headers, text.encode("utf-8")
+    data = encrypt_event(text, wire.algorithm, wire.fmt, wire.encoding, wire.app_id)
+    if wire.spelling in ("algoritm", "both"):
+        headers["x-algoritm"] = wire.algorithm
+    if wire.spelling in ("algorithm", "both"):
+        headers["x-algorithm"] = wire.algorithm
+    headers["x-format"] = wire.fmt
+    headers["x-encoding"] = wire.encoding
+    return headers, event_json({"encrypted_data": data}).encode("utf-8")
+
+
+def webhook_url(url: str) -> str:
+    """Accept a bare base URL (`http://host:port`) as well as the full webhook URL."""
+    parts = urlsplit(url)
+    if parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path=WEBHOOK_PATH))
+    return url
+
+
+@dataclass
+class SendReport:
+    """What the gateway answered, for the final summary and for callers like `up --demo`."""
+
+    planned: int = 0
+    sent: int = 0
+    acknowledged: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    errors: int = 0
+    redeliveries_sent: int = 0
+    elapsed_s: float = 0.0
+    statuses: Counter[int] = field(default_factory=Counter)
+    refusals: list[str] = field(default_factory=list)  # first few refusal bodies
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, p: float) -> float | None:
+        """Nearest-rank percentile of request latency in ms."""
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        rank = max(1, math.ceil(p / 100 * len(ordered)))
+        return ordered[rank - 1]
+
+    @property
+    def ok(self) -> bool:
+        """Every request was answered 2xx."""
+        return self.refused == 0 and self.errors == 0 and self.sent == self.planned
+
+    def summary(self) -> str:
+        """Human summary printed at the end of a run."""
+        p50, p99 = self.percentile(50), self.percentile(99)
+        rate = self.sent / self.elapsed_s if self.elapsed_s else 0.0
+        lines = [
+            f"sent          {self.sent} ({self.redeliveries_sent} redeliveries)"
+            f" in {self.elapsed_s:.1f}s, {rate:.0f} req/s",
+            f"acknowledged  {self.acknowledged}",
+            f"duplicates    {self.duplicates}",
+            f"refused       {self.refused}",
+            f"errors        {self.errors}",
+            "latency       p50 "
+            + (f"{p50:.1f} ms" if p50 is not None else "-")
+            + ", p99 "
+            + (f"{p99:.1f} ms" if p99 is not None else "-"),
+        ]
+        if self.statuses:
+            codes = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items()))
+            lines.append(f"statuses      {codes}")
+        lines.extend(f"refusal       {r}" for r in self.refusals)
+        return "\n".join(lines)
+
+
+async def _send_all(
+    sim: Simulation,
+    url: str,
+    wire: WireOptions,
+    concurrency: int,
+    time_scale: float | None,
+    on_done: Callable[[], None] | None,
+) -> SendReport:
+    """Producer paces deliveries onto a queue; `concurrency` workers POST them."""
+    report = SendReport(planned=len(sim.deliveries))
+    queue: asyncio.Queue[tuple[dict[str, str], bytes] | None] = asyncio.Queue(concurrency * 4)
+    # A redelivery must repeat the original bytes: keep those bodies until reused.
+    repeated = {d.index for d in sim.deliveries if d.redelivery}
+    bodies: dict[int, tuple[dict[str, str], bytes]] = {}
+
+    def request_for(d: Delivery) -> tuple[dict[str, str], bytes]:
+        if d.redelivery:
+            report.redeliveries_sent += 1
+            return bodies.pop(d.index)
+        req = render_request(d.payload, wire)
+        if d.index in repeated:
+            bodies[d.index] = req
+        return req
+
+    async def produce() -> None:
+        t0 = time.monotonic()
+        for d in sim.deliveries:
+            if time_scale:
+                ahead = t0 + d.send_ms / 1000 / time_scale - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            await queue.put(request_for(d))
+        for _ in range(concurrency):
+            await queue.put(None)
+
+    async def work(client: httpx.AsyncClient) -> None:
+        while (item := await queue.get()) is not None:
+            headers, body = item
+            began = time.perf_counter()
+            response = None
+            for attempt in range(3):  # EnableX retries too; a reset is not a refusal
+                try:
+                    response = await client.post(url, content=body, headers=headers)
+                    break
+                except httpx.TransportError as exc:
+                    if attempt == 2:
+                        report.errors += 1
+                        if len(report.refusals) < 5:
+                            report.refusals.append(f"transport: {exc!r}")
+                    else:
+                        await asyncio.sleep(0.2 * (attempt + 1))
+            report.sent += 1
+            if response is not None:
+                report.latencies_ms.append((time.perf_counter() - began) * 1000)
+                report.statuses[response.status_code] += 1
+                if 200 <= response.status_code < 300:
+                    report.acknowledged += 1
+                    try:
+                        if response.json().get("duplicate") is True:
+                            report.duplicates += 1
+                    except ValueError:
+                        pass
+                else:
+                    report.refused += 1
+                    if len(report.refusals) < 5:
+                        report.refusals.append(f"{response.status_code} {response.text[:200]}")
+            if on_done is not None:
+                on_done()
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    began = time.monotonic()
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(15.0)) as client:
+        await asyncio.gather(produce(), *(work(client) for _ in range(concurrency)))
+    report.elapsed_s = time.monotonic() - began
+    return report
+
+
+def send_simulation(
+    sim: Simulation,
+    url: str,
+    wire: WireOptions,
+    *,
+    concurrency: int = 8,
+    time_scale: float | None = 60.0,
+    on_done: Callable[[], None] | None = None,
+) -> SendReport:
+    """POST every delivery of `sim` to `url`; `time_scale=None` sends as fast as possible."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    return asyncio.run(_send_all(sim, webhook_url(url), wire, concurrency, time_scale, on_done))
+
+
+def backdated_simulation(
+    calls: int, *, seed: int, arrival_gap_s: float, **kwargs: Any
+) -> Simulation:
+    """Generate so the last event time is about now: replayed history, never future times."""
+    probe = generate(
+        calls,
+        seed=seed,
+        start=datetime(2000, 1, 1, tzinfo=UTC),
+        arrival_gap_s=arrival_gap_s,
+        **kwargs,
+    )
+    start = datetime.now(UTC) - timedelta(milliseconds=probe.span_ms) - timedelta(minutes=1)
+    return generate(calls, seed=seed, start=start, arrival_gap_s=arrival_gap_s, **kwargs)
+
+
+def _arrival_gap(rate: float, time_scale: float) -> float:
+    """Mean event-time seconds between call starts for `rate` calls per wall second."""
+    return time_scale / rate if rate > 0 else 3.0
+
+
+def write_truth(sim: Simulation, path: str | Path) -> None:
+    """One JSON line per simulated call (then per broadcast), the expected projections."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in sim.truth_lines():
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_demo(
+    url: str,
+    calls: int = 300,
+    app_id: str = DEMO_APP_ID,
+    *,
+    seed: int | None = None,
+    concurrency: int = 8,
+    rate: float = 25.0,
+    time_scale: float = 60.0,
+    progress: bool = False,
+) -> SendReport:
+    """Play `calls` demo calls (owner_ref `callgate-demo`) into the gateway at `url`."""
+    seed = secrets.randbits(32) if seed is None else seed
+    sim = backdated_simulation(
+        calls, seed=seed, arrival_gap_s=_arrival_gap(rate, time_scale), owner_ref="callgate-demo"
+    )
+    wire = WireOptions(app_id=app_id)
+    if not progress:
+        return send_simulation(sim, url, wire, concurrency=concurrency, time_scale=time_scale)
+    with click.progressbar(length=len(sim.deliveries), label="demo calls") as bar:
+        return send_simulation(
+            sim,
+            url,
+            wire,
+            concurrency=concurrency,
+            time_scale=time_scale,
+            on_done=lambda: bar.update(1),
+        )
+
+
+def _default_app_id() -> str:
+    ids = [p.strip() for p in os.environ.get("ENABLEX_APP_ID", "").split(",") if p.strip()]
+    return ids[0] if ids else DEMO_APP_ID
+
+
+def _probability(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter("must be between 0 and 1")
+    return value
+
+
+@click.command("simulate")
+@click.option(
+    "--url",
+    required=True,
+    help="Gateway webhook URL (a bare http://host:port gets /webhooks/enablex).",
+)
+@click.option(
+    "--calls",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Calls to simulate (broadcast legs count as calls).",
+)
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Parallel keep-alive connections.",
+)
+@click.option(
+    "--rate",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="New calls per wall-clock second; 0 = no pacing, send as fast as possible.",
+)
+@click.option(
+    "--time-scale",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Event-time seconds per wall-clock second (timestamps stay realistic).",
+)
+@click.option(
+    "--app-id",
+    default=None,
+    help="App id to encrypt with [default: first of $ENABLEX_APP_ID, else the demo id].",
+)
+@click.option(
+    "--algorithm",
+    default="aes-256-cbc",
+    show_default=True,
+    type=click.Choice(ALGORITHMS, case_sensitive=False),
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="hex",
+    show_default=True,
+    type=click.Choice(FORMATS),
+    help="x-format: how the ciphertext is written.",
+)
+@click.option(
+    "--encoding",
+    default="utf8",
+    show_default=True,
+    type=click.Choice(ENCODINGS),
+    help="x-encoding: how the plaintext is written before encryption.",
+)
+@click.option(
+    "--header-spelling",
+    default="algoritm",
+    show_default=True,
+    type=click.Choice(SPELLINGS),
+    help="x-algoritm (EnableX samples), x-algorithm (docs) or both.",
+)
+@click.option("--plain", is_flag=True, help="Send plain JSON bodies without encryption headers.")
+@click.option(
+    "--duplicates",
+    default=0.0,
+    show_default=True,
+    callback=_probability,
+    help="Chance that an event is redelivered (identical body).",
+)
+@click.option(
+    "--reorder",
+    default=0.0,
+    show_default=True,
+    callback=_probability,
+    help="Chance that an event arrives after the call's next event.",
+)
+@click.option("--seed", default=None, type=int, help="Random seed [default: random, printed].")
+@click.option(
+    "--truth",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the expected call state per call to this JSONL file.",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+)
+@click.pass_context
+def simulate_command(
+    ctx,
+    url,
+    calls,
+    concurrency,
+    rate,
+    time_scale,
+    app_id,
+    algorithm,
+    fmt,
+    encoding,
+    header_spelling,
+    plain,
+    duplicates,
+    reorder,
+    seed,
+    truth,
+    progress,
+):
+    """Send realistic simulated EnableX call traffic (encrypted like EnableX) to a gateway.
+
+    Inbound IVR with DTMF, menu timeouts and retries; outbound TTS; bridges with failing
+    legs; recordings; speech recognition; room joins; hold/transfer; busy and no-answer
+    calls; broadcasts with summaries. Exits 1 if any request was refused or failed.
+    """
+    seed = secrets.randbits(32) if seed is None else seed
+    sim = backdated_simulation(
+        calls,
+        seed=seed,
+        arrival_gap_s=_arrival_gap(rate, time_scale),
+        duplicates=duplicates,
+        reorder=reorder,
+    )
+    click.echo(
+        f"seed {seed}: {len(sim.calls)} calls ({len(sim.broadcasts)} broadcasts), "
+        f"{sim.event_count} events + {sim.redeliveries} redeliveries "
+        f"over {sim.span_ms / 1000:.0f}s of event time",
+        err=True,
+    )
+    if truth:
+        write_truth(sim, truth)
+        click.echo(f"truth written to {truth}", err=True)
+    wire = WireOptions(
+        app_id or _default_app_id(), algorithm.lower(), fmt, encoding, header_spelling, plain
+    )
+    pace = time_scale if rate > 0 else None
+    target = webhook_url(url)
+    if progress:
+        with click.progressbar(
+            length=len(sim.deliveries), label="sending", file=click.get_text_stream("stderr")
+        ) as bar:
+            report = send_simulation(
+                sim,
+                target,
+                wire,
+                concurrency=concurrency,
+                time_scale=pace,
+                on_done=lambda: bar.update(1),
+            )
+    else:
+        report = send_simulation(sim, target, wire, concurrency=concurrency, time_scale=pace)
+    click.echo(report.summary())
+    if not report.ok:
+        ctx.exit(1)
