@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 from gateway import eventlog, metrics
 from gateway.config import Config
 from gateway.ingest import Headers, Outcome, Rejected, ingest_request, reject
+from gateway.writer import BatchWriter
 
 log = logging.getLogger("callgate.gateway")
 RETRY_AFTER_SECONDS = "5"
@@ -70,7 +71,9 @@ def create_app(config: Config | None = None) -> Flask:
     # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
     app.config["MAX_CONTENT_LENGTH"] = None
     store = Store(config)
+    writer = BatchWriter(config.db_path, config.synchronous) if config.group_commit else None
     app.extensions["callgate_store"] = store
+    app.extensions["callgate_writer"] = writer
     eventlog.ensure_schema(store.conn())
 
     def storage_failure(exc: sqlite3.Error, started: float) -> Response:
@@ -102,7 +105,13 @@ def create_app(config: Config | None = None) -> Flask:
                 )
             else:
                 outcome = ingest_request(
-                    conn, config, headers, body, path=path, remote_addr=request.remote_addr
+                    conn,
+                    config,
+                    headers,
+                    body,
+                    path=path,
+                    remote_addr=request.remote_addr,
+                    writer=writer,
                 )
         except sqlite3.Error as exc:
             return storage_failure(exc, started)

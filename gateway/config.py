@@ -33,6 +33,7 @@ class Config:
     webhook_token: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     synchronous: str = "FULL"
+    group_commit: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -45,6 +46,7 @@ class Config:
             webhook_token=env.get("CALLGATE_WEBHOOK_TOKEN") or None,
             max_body=int(env.get("CALLGATE_MAX_BODY") or DEFAULT_MAX_BODY),
             synchronous=(env.get("CALLGATE_SYNCHRONOUS") or "FULL").upper(),
+            group_commit=_flag(env.get("CALLGATE_GROUP_COMMIT"), True),
         )
 
     def ensure_db_dir(self) -> None:

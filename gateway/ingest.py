@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway import crypto, eventlog, schemas
 from gateway.config import Config
+from gateway.writer import BatchWriter
 
 DECRYPT_STAGE = frozenset({"bad_ciphertext", "bad_decrypt", "bad_plaintext"})
 # All decrypt-stage failures answer with this one body: no padding oracle.
@@ -208,12 +209,21 @@ def ingest_request(
     method: str = "POST",
     path: str = "/webhooks/enablex",
     remote_addr: str | None = None,
+    writer: BatchWriter | None = None,
 ) -> Outcome:
-    """Interpret, then append (event) or record (rejection); nothing is ever dropped."""
+    """Interpret, then append (event) or record (rejection); nothing is ever dropped.
+
+    With a writer, the append joins the current group commit; either way this
+    returns only after the event's transaction committed.
+    """
     received_at = eventlog.utc_now()
     verdict = interpret(headers, body, config, received_at)
     if isinstance(verdict, Accepted):
-        result = eventlog.append(conn, to_new_event(conn, verdict, received_at))
+        accepted = verdict
+        if writer is not None:
+            result = writer.submit(lambda c: to_new_event(c, accepted, received_at))
+        else:
+            result = eventlog.append(conn, to_new_event(conn, accepted, received_at))
         return Outcome(
             200,
             accepted_body(result),

@@ -1,0 +1,78 @@
+"""Group commit: many requests share a transaction, each is released only after COMMIT."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from gateway import eventlog
+from gateway.writer import BatchWriter
+
+
+def new_event(n: int) -> eventlog.NewEvent:
+    raw = {"voice_id": f"call-{n}", "state": "ringing", "timestamp": "2024-03-11T09:15:00Z"}
+    event = {"voice_id": f"call-{n}", "class": "call", "state": "ringing",
+             "occurred_at": "2024-03-11T09:15:00.000Z"}
+    return eventlog.NewEvent(event, json.dumps(raw), raw, "plaintext", eventlog.utc_now())
+
+
+def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    # Hold the write lock so submissions pile up behind the writer's first attempt.
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(300)]
+        time.sleep(0.5)
+        assert not any(f.done() for f in futures), "acknowledged before the commit"
+        blocker.execute("COMMIT")
+        results = [f.result(timeout=30) for f in futures]
+    writer.close()
+    assert sorted(r.seq for r in results) == list(range(1, 301))
+    assert writer.events == 300 and writer.batches <= 30
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 300
+    assert eventlog.verify(conn).ok
+
+
+def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(writer.submit, lambda c: new_event(7)) for _ in range(8)]
+        time.sleep(0.2)
+        blocker.execute("COMMIT")
+        results = [f.result(timeout=30) for f in futures]
+    assert {r.seq for r in results} == {1}
+    assert sum(not r.duplicate for r in results) == 1
+
+
+def test_a_failed_commit_fails_every_waiter_and_the_writer_recovers(db_path) -> None:
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    blocker = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    blocker.execute("PRAGMA busy_timeout=0")
+    blocker.execute("BEGIN EXCLUSIVE")
+    errors: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            writer.submit(lambda c: new_event(1), timeout=30)
+        except sqlite3.OperationalError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    thread.join(30)  # the writer's busy timeout (5 s) expires while the lock is held
+    blocker.execute("ROLLBACK")
+    assert len(errors) == 1 and "locked" in str(errors[0])
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    assert writer.submit(lambda c: new_event(2)).seq == 1
