@@ -128,3 +128,6 @@ def _open(db: str):  # type: ignore[no-untyped-def]
 
 
 # --- registered commands ---
+from analytics.datasette_commands import datasette as _datasette_command  # noqa: E402
+
+main.add_command(_datasette_command)

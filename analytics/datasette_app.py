@@ -1,0 +1,162 @@
+"""How callgate runs Datasette: one command line, shared by `callgate datasette` and `callgate up`.
+
+Datasette keys metadata by database name (the file's stem), so metadata.yml is
+written for a database called ``callgate``. A database file with another name
+would silently lose every permission in it (the event log would become
+public), so the metadata is always rendered for the real name into a file next
+to the database before Datasette starts. The database is served mutable: ``-i``
+(immutable) would ignore the WAL and show stale or torn data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+METADATA_PATH = REPO_ROOT / "metadata.yml"
+PLUGINS_DIR = Path(__file__).resolve().parent / "datasette_plugins"
+METADATA_DB_NAME = "callgate"
+TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
+OPERATOR_ID = "operator"
+MIN_TOKEN_LENGTH = 16
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8001
+# Settings passed on every start: no downloads of the whole file (it holds raw
+# payloads), and enough time for the analytics queries on a large history.
+SETTINGS = {
+    "allow_download": "off",
+    "default_allow_sql": "off",
+    "sql_time_limit_ms": "5000",
+    "facet_time_limit_ms": "500",
+    "max_returned_rows": "5000",
+}
+
+
+def database_name(db: str | os.PathLike[str]) -> str:
+    """The name Datasette gives a database file: its stem."""
+    return Path(db).stem
+
+
+def load_metadata(path: Path = METADATA_PATH) -> dict[str, Any]:
+    """metadata.yml as a dict (YAML anchors resolved)."""
+    with open(path, encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} is not a YAML mapping")
+    return loaded
+
+
+def render_metadata(
+    metadata: Mapping[str, Any], db_name: str, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """metadata.yml re-keyed for `db_name`; the operator token only when it is configured.
+
+    The token stays an ``{"$env": …}`` reference (resolved by Datasette), so the
+    rendered file and /-/metadata never contain it. Without the variable the
+    token list is emptied: datasette-auth-tokens would otherwise compare against
+    None and fail every request that carries a bearer token.
+    """
+    env = os.environ if env is None else env
+    rendered: dict[str, Any] = json.loads(json.dumps(metadata))
+    databases = rendered.get("databases") or {}
+    if METADATA_DB_NAME in databases and db_name != METADATA_DB_NAME:
+        databases[db_name] = databases.pop(METADATA_DB_NAME)
+    plugins = rendered.setdefault("plugins", {})
+    for dashboard in (plugins.get("datasette-dashboards") or {}).values():
+        for chart in (dashboard.get("charts") or {}).values():
+            if chart.get("db") == METADATA_DB_NAME:
+                chart["db"] = db_name
+    tokens_config = plugins.setdefault("datasette-auth-tokens", {})
+    if not env.get(TOKEN_ENV):
+        tokens_config["tokens"] = []
+    return rendered
+
+
+def operator_token_problem(env: Mapping[str, str] | None = None) -> str | None:
+    """A human-readable warning when operator access is off or weak, else None."""
+    env = os.environ if env is None else env
+    token = env.get(TOKEN_ENV) or ""
+    if not token:
+        return f"{TOKEN_ENV} is not set: operator access is disabled (anonymous view only)"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"{TOKEN_ENV} is shorter than {MIN_TOKEN_LENGTH} characters: use a long random token"
+    return None
+
+
+def rendered_metadata_path(db: str | os.PathLike[str]) -> Path:
+    """Where the per-database metadata goes: beside the database, hidden."""
+    path = Path(db)
+    return path.with_name(f".{path.stem}.datasette-metadata.json")
+
+
+def write_metadata(
+    db: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    source: Path = METADATA_PATH,
+) -> Path:
+    """Render metadata.yml for this database file and write it atomically; returns its path."""
+    target = rendered_metadata_path(db)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rendered = render_metadata(load_metadata(source), database_name(db), env)
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rendered, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def prepare_database(db: str | os.PathLike[str]) -> None:
+    """Create the file and every table Datasette should describe (all idempotent).
+
+    Datasette refuses a missing file, and a table created later would appear
+    only after a restart in some pages, so the log, projection and forwarding
+    schemas are ensured up front.
+    """
+    from analytics import tables
+    from gateway import eventlog, forwarder
+
+    conn = eventlog.connect(str(db))
+    try:
+        eventlog.ensure_schema(conn)
+        tables.create_tables(conn)
+        forwarder.ensure_schema(conn)
+    finally:
+        conn.close()
+
+
+def datasette_argv(
+    db: str | os.PathLike[str],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The full `datasette serve` command line for this database (writes the rendered metadata).
+
+    Run it with the caller's environment: the operator token is read from
+    $CALLGATE_DATASETTE_TOKEN by the Datasette process itself.
+    """
+    metadata = write_metadata(db, env)
+    argv = [
+        sys.executable,
+        "-m",
+        "datasette",
+        "serve",
+        str(db),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metadata",
+        str(metadata),
+        "--plugins-dir",
+        str(PLUGINS_DIR),
+    ]
+    for name, value in SETTINGS.items():
+        argv += ["--setting", name, value]
+    return argv
