@@ -131,3 +131,7 @@ def _open(db: str):  # type: ignore[no-untyped-def]
 from analytics.datasette_commands import datasette as _datasette_command  # noqa: E402
 
 main.add_command(_datasette_command)
+from analytics.commands import COMMANDS as _ANALYTICS_COMMANDS  # noqa: E402
+
+for _command in _ANALYTICS_COMMANDS:
+    main.add_command(_command)

@@ -1,0 +1,560 @@
+"""Pure folds: the logged events of one call (or one broadcast) → the rows users see.
+
+No SQL, no clock, no I/O: the projector and the rebuild feed these the events
+of the log, tests feed them plain dicts. The result depends only on the set of
+events, never on the order they are passed in: events are sorted by event time,
+ties by seq (WIRE.md §4.2), and the rules are WIRE.md §5. The gateway classifies
+each event without context, so a `failed`/`initiated` is re-derived here from
+the call's history: after a call-level `connected` it is a bridge leg (§4.7.6).
+
+The fold functions return tuples in the column order of `analytics.tables` (the
+rebuild writes millions of them; tuples skip per-row dict overhead);
+`project_call` / `project_broadcast` return the same rows as dicts, plus the
+call's timeline (stored as a view over `events` + `timeline_marks`, see tables.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import orjson
+
+from gateway.schemas import LEG_STATES, classify
+
+Event = Mapping[str, Any]
+Row = tuple[Any, ...]
+
+CALL_FIELDS: tuple[str, ...] = (
+    "voice_id", "direction", "from_number", "to_number", "final_state", "started_at",
+    "ringing_at", "answered_at", "ended_at", "last_event_at", "ring_seconds", "duration_s",
+    "hold_seconds", "disconnect_reason", "plays", "digits", "speech", "speech_results",
+    "recording_url", "recording_duration_s", "bridge_state", "transfer_to", "owner_ref",
+    "channel_id", "room_id", "broadcast_id", "event_count", "unknown_events",
+    "out_of_order_events", "event_classes", "first_seq", "last_seq",
+)  # fmt: skip
+PLAY_FIELDS: tuple[str, ...] = (
+    "voice_id", "play_id", "prompt_ref", "final_state", "digits", "speech_result",
+    "speech_text", "started_at", "finished_at", "event_count", "first_seq", "last_seq",
+)  # fmt: skip
+RECORDING_FIELDS: tuple[str, ...] = (
+    "voice_id", "recording_id", "state", "started_at", "completed_at", "recording_url",
+    "duration_s", "description", "event_count", "first_seq", "last_seq",
+)  # fmt: skip
+DTMF_FIELDS: tuple[str, ...] = (
+    "voice_id", "position", "occurred_at", "digits", "source", "play_id", "prompt_ref", "seq",
+)  # fmt: skip
+SPEECH_FIELDS: tuple[str, ...] = (
+    "voice_id", "position", "occurred_at", "result", "text", "confidence", "reason",
+    "play_id", "prompt_ref", "seq",
+)  # fmt: skip
+BROADCAST_FIELDS: tuple[str, ...] = (
+    "broadcast_id", "state", "from_number", "successful_calls", "failed_calls", "total_calls",
+    "totals_source", "legs", "legs_answered", "started_at", "completed_at", "call_info",
+    "event_count", "first_seq", "last_seq",
+)  # fmt: skip
+TIMELINE_FIELDS: tuple[str, ...] = (
+    "seq", "voice_id", "broadcast_id", "position", "occurred_at", "received_at", "class",
+    "state", "play_id", "prompt_ref", "digits", "text", "reason", "arrived_late",
+)  # fmt: skip
+# The timeline is a view over `events`; only what the log cannot say by itself is stored:
+# events whose class the fold re-derived, or that arrived after a later-timed event.
+MARK_FIELDS: tuple[str, ...] = ("seq", "voice_id", "broadcast_id", "class", "arrived_late")
+
+_CALL = "call"
+_LEG_CLASSES = frozenset({"call", "bridge"})  # classes a bridge-leg state may be stored under
+_NOT_FINISHED = "initiated"  # any other play state means the play has run (finished_at)
+
+
+class CallRows(NamedTuple):
+    """Everything one call contributes to the projections, as table-ordered tuples."""
+
+    call: Row
+    plays: list[Row]
+    recordings: list[Row]
+    dtmf: list[Row]
+    speech: list[Row]
+    marks: list[Row]
+    timeline: list[Row]  # only filled when asked for (the stored timeline is a view)
+
+
+class BroadcastRows(NamedTuple):
+    """One broadcast row, plus marks/timeline rows of its summary events (they have no call)."""
+
+    broadcast: Row
+    marks: list[Row]
+    timeline: list[Row]
+
+
+def order_key(event: Event) -> tuple[str, int]:
+    """Event time, ties by seq: the one order every fold uses."""
+    return (event["occurred_at"], event["seq"])
+
+
+def sort_events(events: Iterable[Event]) -> list[Event]:
+    return sorted(events, key=order_key)
+
+
+def json_text(value: Any) -> str:
+    """Compact JSON text for array/object columns (stable: keys sorted)."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def epoch_ms(at: str) -> int:
+    """Milliseconds since the epoch of a stored UTC time; integers keep floor() exact."""
+    moment = datetime.fromisoformat(at)
+    return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return (epoch_ms(end) - epoch_ms(start)) / 1000
+
+
+def late_seqs(seqs: list[int]) -> frozenset[int]:
+    """Seqs (given in event-time order) of events that arrived after a later-timed event.
+
+    In (time, seq) order an event is late iff some event after it in that order
+    has a smaller seq, i.e. was logged earlier although it happened later.
+    """
+    previous = -1
+    for seq in seqs:
+        if seq < previous:
+            break
+        previous = seq
+    else:
+        return frozenset()
+    late = set()
+    smallest_after = seqs[-1]
+    for seq in reversed(seqs):
+        if smallest_after < seq:
+            late.add(seq)
+        else:
+            smallest_after = seq
+    return frozenset(late)
+
+
+def refine_class(event: Event, connected_before: bool) -> str:
+    """The class of an event given the call's history so far (only bridge legs change)."""
+    cls = event["class"]
+    if cls in _LEG_CLASSES and event["state"] in LEG_STATES:
+        return classify(
+            event.get("raw_state", event["state"]),
+            event.get("playstate"),
+            event.get("recordstate"),
+            has_recording_id="recording_id" in event,
+            description=event.get("description"),
+            connected_before=connected_before,
+        )
+    return cls
+
+
+def _reason(ev: Event) -> Any:
+    return ev.get("disconnect_reason") or ev.get("reason")
+
+
+def timeline_row(ev: Event, position: int, cls: str, late: bool) -> Row:
+    """One event as the timeline view shows it (the fold's definition of that view)."""
+    return (
+        ev["seq"], ev.get("voice_id"), ev.get("broadcast_id"), position, ev["occurred_at"],
+        ev.get("received_at"), cls, ev["state"], ev.get("play_id"), ev.get("prompt_ref"),
+        ev.get("digits"), ev.get("text"), _reason(ev), 1 if late else 0,
+    )  # fmt: skip
+
+
+def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
+    """One call's events, ALREADY in (occurred_at, seq) order → its rows.
+
+    This is the rebuild's hot loop (a million events): locals and plain counters
+    instead of helpers where it matters.
+    """
+    first = events[0]
+    voice_id = first["voice_id"]
+    seqs = [e["seq"] for e in events]
+    late = late_seqs(seqs)
+
+    connected = False  # a call-level connected happened earlier in event time
+    terminal = False  # the call is disconnected: nothing changes final_state any more
+    final_state = None
+    final_failed: Event | None = None
+    disconnected: Event | None = None
+    inbound = False
+    from_number = to_number = None
+    ringing_at = incoming_at = answered_at = None
+    hold_started: str | None = None
+    hold_ms = 0
+    bridge_state = None
+    transfer_to = owner_ref = channel_id = room_id = broadcast_id = None
+    recording_url = None
+    recording_duration = None
+    digits: list[str] = []
+    speech_texts: list[str] = []
+    speech_results: list[str] = []
+    n_call = n_play = n_speech = n_recording = n_dtmf = n_bridge = n_broadcast = n_unknown = 0
+    plays: dict[str, list[Any]] = {}
+    recordings: dict[str, list[Any]] = {}
+    dtmf_rows: list[Row] = []
+    speech_rows: list[Row] = []
+    marks: list[Row] = []
+    rows: list[Row] = []
+
+    for ev in events:
+        cls = stored = ev["class"]
+        state = ev["state"]
+        if state in LEG_STATES and cls in _LEG_CLASSES:
+            cls = refine_class(ev, connected)
+        if cls == "call":
+            n_call += 1
+            at = ev["occurred_at"]
+            if from_number is None:
+                from_number = ev.get("from")
+            if to_number is None:
+                to_number = ev.get("to")
+            if state == "connected":
+                if not connected:
+                    connected = True
+                    answered_at = at
+            elif state == "disconnected":
+                if disconnected is None:
+                    disconnected = ev
+                    if hold_started is not None:
+                        hold_ms += epoch_ms(at) - epoch_ms(hold_started)
+                        hold_started = None
+            elif state == "ringing":
+                if ringing_at is None:
+                    ringing_at = at
+            elif state == "incomingcall":
+                inbound = True
+                if incoming_at is None:
+                    incoming_at = at
+            elif state == "hold":
+                if hold_started is None and not terminal:
+                    hold_started = at
+            elif state == "unhold" and hold_started is not None and not terminal:
+                hold_ms += epoch_ms(at) - epoch_ms(hold_started)
+                hold_started = None
+            if not terminal:
+                final_state = state
+                if state == "disconnected":
+                    terminal = True
+                elif state == "failed":
+                    final_failed = ev
+            if "transfer_to" in ev:
+                transfer_to = ev["transfer_to"] or transfer_to
+            if owner_ref is None and "owner_ref" in ev:
+                owner_ref = ev["owner_ref"]
+            if channel_id is None and "channel_id" in ev:
+                channel_id = ev["channel_id"]
+        elif cls == "play":
+            n_play += 1
+            play_id = ev.get("play_id")
+            if play_id:
+                entry = plays.get(play_id)
+                if entry is None:
+                    entry = plays[play_id] = _new_play(ev)
+                else:
+                    _touch_play(entry, ev, state)
+            if state == "digitcollected" and "digits" in ev:
+                value = ev["digits"]
+                digits.append(value)
+                dtmf_rows.append(
+                    (voice_id, len(digits), ev["occurred_at"], value, "play", play_id,
+                     ev.get("prompt_ref"), ev["seq"])
+                )  # fmt: skip
+                if play_id:
+                    entry[4].append(value)
+        elif cls == "speech":
+            n_speech += 1
+            play_id = ev.get("play_id")
+            text = ev.get("text")
+            if state is not None:
+                speech_results.append(state)
+                if state == "recognized" and text:
+                    speech_texts.append(text)
+            speech_rows.append(
+                (voice_id, len(speech_rows) + 1, ev["occurred_at"], state, text,
+                 ev.get("confidence"), ev.get("reason"), play_id, ev.get("prompt_ref"), ev["seq"])
+            )  # fmt: skip
+            if play_id:
+                play_state = ev.get("playstate") or state
+                entry = plays.get(play_id)
+                if entry is None:
+                    entry = plays[play_id] = _new_play(ev, play_state)
+                else:
+                    _touch_play(entry, ev, play_state)
+                entry[5] = state
+                if text:
+                    entry[6] = text
+        elif cls == "recording":
+            n_recording += 1
+            _touch_recording(recordings, ev, state)
+        elif cls == "dtmf":
+            n_dtmf += 1
+            if "digits" in ev:
+                value = ev["digits"]
+                digits.append(value)
+                dtmf_rows.append(
+                    (voice_id, len(digits), ev["occurred_at"], value, "dtmf", ev.get("play_id"),
+                     ev.get("prompt_ref"), ev["seq"])
+                )  # fmt: skip
+        elif cls == "bridge":
+            n_bridge += 1
+            bridge_state = state
+        elif cls == "broadcast":
+            n_broadcast += 1
+        else:
+            n_unknown += 1
+
+        if "recording_url" in ev:
+            recording_url = ev["recording_url"] or recording_url
+        if "recording_duration" in ev:
+            recording_duration = ev["recording_duration"]
+        if broadcast_id is None and "broadcast_id" in ev:
+            broadcast_id = ev["broadcast_id"]
+        if "room_id" in ev:
+            room_id = ev["room_id"] or room_id
+        if cls != stored or (late and ev["seq"] in late):
+            marks.append((ev["seq"], voice_id, ev.get("broadcast_id"), cls,
+                          1 if ev["seq"] in late else 0))  # fmt: skip
+        if timeline:
+            rows.append(timeline_row(ev, len(rows) + 1, cls, ev["seq"] in late))
+
+    # The event that ended the call: the first disconnected, else a final failed.
+    end_event = disconnected
+    if end_event is None and final_state == "failed":
+        end_event = final_failed
+    ended_at = reason = None
+    if end_event is not None:
+        ended_at = end_event["occurred_at"]
+        reason = _reason(end_event)
+    duration_s = None
+    if answered_at is not None and disconnected is not None:
+        duration_s = (epoch_ms(disconnected["occurred_at"]) - epoch_ms(answered_at)) // 1000
+    ring_from = ringing_at or incoming_at
+    ring_seconds = _seconds_between(ring_from, answered_at or ended_at)
+
+    if broadcast_id is not None:
+        direction = "broadcast"
+    elif inbound:
+        direction = "inbound"
+    elif n_call:
+        direction = "outbound"
+    else:
+        direction = None
+    classes = {
+        name: count
+        for name, count in (
+            ("call", n_call), ("play", n_play), ("speech", n_speech),
+            ("recording", n_recording), ("dtmf", n_dtmf), ("bridge", n_bridge),
+            ("broadcast", n_broadcast), ("unknown", n_unknown),
+        )  # fmt: skip
+        if count
+    }
+    call = (
+        voice_id, direction, from_number, to_number, final_state, first["occurred_at"],
+        ring_from, answered_at, ended_at, events[-1]["occurred_at"], ring_seconds, duration_s,
+        hold_ms / 1000, reason, len(plays), json_text(digits), json_text(speech_texts),
+        json_text(speech_results), recording_url, recording_duration, bridge_state, transfer_to,
+        owner_ref, channel_id, room_id, broadcast_id, len(events), n_unknown, len(late),
+        json_text(classes), min(seqs), max(seqs),
+    )  # fmt: skip
+    play_rows = [
+        (voice_id, pid, e[0], e[1], json_text(e[4]), e[5], e[6], e[2], e[3], e[7], e[8], e[9])
+        for pid, e in sorted(plays.items())
+    ]
+    recording_rows = _recording_rows(voice_id, recordings, recording_url, recording_duration)
+    return CallRows(call, play_rows, recording_rows, dtmf_rows, speech_rows, marks, rows)
+
+
+def _new_play(ev: Event, state: str | None = None) -> list[Any]:
+    """A play's running state: [prompt_ref, final_state, started_at, finished_at, digits,
+    speech_result, speech_text, event_count, first_seq, last_seq]."""
+    if state is None:
+        state = ev["state"]
+    at = ev["occurred_at"]
+    seq = ev["seq"]
+    finished = None if state is None or state == _NOT_FINISHED else at
+    return [ev.get("prompt_ref") or None, state, at, finished, [], None, None, 1, seq, seq]
+
+
+def _touch_play(entry: list[Any], ev: Event, state: str | None) -> None:
+    """Fold a later event of the same play into its running state (see `_new_play`)."""
+    prompt = ev.get("prompt_ref")
+    if prompt:
+        entry[0] = prompt
+    if state is not None:
+        entry[1] = state
+        if state != _NOT_FINISHED:
+            entry[3] = ev["occurred_at"]
+    entry[7] += 1
+    seq = ev["seq"]
+    if seq < entry[8]:
+        entry[8] = seq
+    elif seq > entry[9]:
+        entry[9] = seq
+
+
+def _touch_recording(recordings: dict[str, list[Any]], ev: Event, state: str | None) -> None:
+    """[state, started_at, completed_at, url, duration, description, count, first, last]."""
+    at = ev["occurred_at"]
+    seq = ev["seq"]
+    key = ev.get("recording_id") or ""
+    entry = recordings.get(key)
+    if entry is None:
+        entry = recordings[key] = [None, None, None, None, None, None, 0, seq, seq]
+    if state is not None:
+        entry[0] = state
+        if state == "started" and entry[1] is None:
+            entry[1] = at
+        elif state == "completed" and entry[2] is None:
+            entry[2] = at
+    value = ev.get("recording_url")
+    if value:
+        entry[3] = value
+    value = ev.get("recording_duration")
+    if value is not None:
+        entry[4] = value
+    value = ev.get("description")
+    if value:
+        entry[5] = value
+    entry[6] += 1
+    if seq < entry[7]:
+        entry[7] = seq
+    if seq > entry[8]:
+        entry[8] = seq
+
+
+def _recording_rows(
+    voice_id: str,
+    recordings: dict[str, list[Any]],
+    call_url: str | None,
+    call_duration: Any,
+) -> list[Row]:
+    """Recordings of the call; the URL often travels only on `disconnected` (seed shape), so
+    a call's URL fills its single recording, or stands for one when no recording event came."""
+    if not recordings:
+        if call_url is None:
+            return []
+        return [(voice_id, "", None, None, None, call_url, call_duration, None, 0, None, None)]
+    rows = []
+    single = len(recordings) == 1
+    for key, e in sorted(recordings.items()):
+        url, duration = e[3], e[4]
+        if single and url is None:
+            url = call_url
+        if single and duration is None:
+            duration = call_duration
+        rows.append((voice_id, key, e[0], e[1], e[2], url, duration, e[5], e[6], e[7], e[8]))
+    return rows
+
+
+def fold_broadcast(events: list[Event], timeline: bool = False) -> BroadcastRows:
+    """One broadcast's events (summaries and legs), ALREADY in (occurred_at, seq) order.
+
+    Totals come from the last summary carrying resultSet numbers, else are counted
+    from the last broadcast_call_info (state "completed" = successful).
+    """
+    broadcast_id = events[0]["broadcast_id"]
+    state = None
+    from_number = None
+    completed_at = None
+    explicit: tuple[Any, Any] | None = None
+    call_info: list[Any] | None = None
+    legs: set[str] = set()
+    answered: set[str] = set()
+    seqs = [e["seq"] for e in events]
+    late = late_seqs(seqs)
+    marks: list[Row] = []
+    rows: list[Row] = []
+    for ev in events:
+        voice_id = ev.get("voice_id")
+        cls = ev["class"]
+        if voice_id:
+            legs.add(voice_id)
+            if cls == _CALL and ev["state"] == "connected":
+                answered.add(voice_id)
+            if from_number is None and cls == _CALL and ev.get("from"):
+                from_number = ev["from"]
+            if cls != "broadcast":
+                continue
+        if cls == "broadcast":
+            state = ev["state"]
+            completed_at = ev["occurred_at"]
+        if ev.get("from"):
+            from_number = ev["from"]
+        ok, failed = ev.get("broadcast_successful"), ev.get("broadcast_failed")
+        if ok is not None or failed is not None:
+            explicit = (ok, failed)
+        if ev.get("broadcast_call_info") is not None:
+            call_info = ev["broadcast_call_info"]
+        if not voice_id:  # a summary belongs to no call: its timeline rows come from here
+            is_late = ev["seq"] in late
+            if is_late:
+                marks.append((ev["seq"], None, broadcast_id, cls, 1))
+            if timeline:
+                rows.append(timeline_row(ev, len(rows) + 1, cls, is_late))
+    successful = failed_calls = None
+    source = None
+    if explicit is not None:
+        successful, failed_calls = explicit
+        source = "resultSet"
+    elif call_info is not None:
+        successful = sum(
+            1
+            for item in call_info
+            if isinstance(item, Mapping) and str(item.get("state", "")).lower() == "completed"
+        )
+        failed_calls = len(call_info) - successful
+        source = "broadcast_call_info"
+    total = None
+    if successful is not None and failed_calls is not None:
+        total = successful + failed_calls
+    row = (
+        broadcast_id, state, from_number, successful, failed_calls, total, source, len(legs),
+        len(answered), events[0]["occurred_at"], completed_at,
+        json_text(call_info) if call_info is not None else None, len(events), min(seqs),
+        max(seqs),
+    )  # fmt: skip
+    return BroadcastRows(row, marks, rows)
+
+
+def _as_dicts(fields: tuple[str, ...], rows: list[Row]) -> list[dict[str, Any]]:
+    return [dict(zip(fields, row, strict=True)) for row in rows]
+
+
+def project_call(events: Iterable[Event]) -> dict[str, Any]:
+    """A call's events in any order → {"calls": row, "plays": [...], "recordings": [...],
+    "dtmf": [...], "speech": [...], "timeline": [...]} (rows as dicts)."""
+    ordered = sort_events(events)
+    if not ordered:
+        raise ValueError("project_call needs at least one event")
+    voice_ids = {e["voice_id"] for e in ordered}
+    if len(voice_ids) != 1 or None in voice_ids:
+        raise ValueError(f"project_call folds one call, got {sorted(map(str, voice_ids))}")
+    rows = fold_call(ordered, timeline=True)
+    return {
+        "calls": dict(zip(CALL_FIELDS, rows.call, strict=True)),
+        "plays": _as_dicts(PLAY_FIELDS, rows.plays),
+        "recordings": _as_dicts(RECORDING_FIELDS, rows.recordings),
+        "dtmf": _as_dicts(DTMF_FIELDS, rows.dtmf),
+        "speech": _as_dicts(SPEECH_FIELDS, rows.speech),
+        "timeline": _as_dicts(TIMELINE_FIELDS, rows.timeline),
+    }
+
+
+def project_broadcast(events: Iterable[Event]) -> dict[str, Any]:
+    """A broadcast's events (summaries + legs, any order) → {"broadcasts": row,
+    "timeline": [summary rows]}."""
+    ordered = sort_events(events)
+    if not ordered:
+        raise ValueError("project_broadcast needs at least one event")
+    ids = {e.get("broadcast_id") for e in ordered}
+    if len(ids) != 1 or None in ids:
+        raise ValueError(f"project_broadcast folds one broadcast, got {sorted(map(str, ids))}")
+    rows = fold_broadcast(ordered, timeline=True)
+    return {
+        "broadcasts": dict(zip(BROADCAST_FIELDS, rows.broadcast, strict=True)),
+        "timeline": _as_dicts(TIMELINE_FIELDS, rows.timeline),
+    }

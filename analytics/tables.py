@@ -1,0 +1,357 @@
+"""Projection tables: one declaration gives the DDL, the column order and the docs.
+
+Every table here is derived from `events` only and can be dropped and rebuilt
+at any time (`callgate rebuild`). The column order is the order the folds emit
+rows in; the per-column descriptions are what metadata.yml copies for Datasette.
+Units are in the names: `_at` is UTC text `YYYY-MM-DDTHH:MM:SS.mmmZ`, `_s` and
+`_seconds` are seconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+from analytics import folds
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """A projection table: columns as (name, SQL type, description), plus keys and indexes."""
+
+    name: str
+    description: str
+    columns: tuple[tuple[str, str, str], ...]
+    primary_key: tuple[str, ...] = ()
+    without_rowid: bool = False
+    # (index name, columns SQL, optional WHERE clause of a partial index, unique)
+    indexes: tuple[tuple[str, str, str, bool], ...] = field(default_factory=tuple)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.columns)
+
+    def create_sql(self, name: str | None = None) -> str:
+        body = [f'"{col}" {sqltype}' for col, sqltype, _ in self.columns]
+        if self.primary_key:
+            body.append("PRIMARY KEY (" + ", ".join(f'"{c}"' for c in self.primary_key) + ")")
+        suffix = " WITHOUT ROWID" if self.without_rowid else ""
+        return f'CREATE TABLE IF NOT EXISTS "{name or self.name}" ({", ".join(body)}){suffix}'
+
+    def index_sql(self) -> list[str]:
+        out = []
+        for index, cols, where, unique in self.indexes:
+            kind = "UNIQUE INDEX" if unique else "INDEX"
+            clause = f" WHERE {where}" if where else ""
+            out.append(f'CREATE {kind} IF NOT EXISTS "{index}" ON "{self.name}" ({cols}){clause}')
+        return out
+
+    def insert_sql(self) -> str:
+        cols = ", ".join(f'"{c}"' for c in self.column_names)
+        marks = ", ".join("?" for _ in self.columns)
+        return f'INSERT INTO "{self.name}" ({cols}) VALUES ({marks})'
+
+
+CALLS = Table(
+    "calls",
+    "One row per call (voice_id): its state folded from every logged event, in event time.",
+    (
+        ("voice_id", "TEXT NOT NULL", "EnableX voice id of the call."),
+        ("direction", "TEXT", "inbound (an incomingcall was seen), broadcast (a broadcast leg) "
+         "or outbound; NULL when the call has no call-level event."),
+        ("from_number", "TEXT", "Caller number, from the first call-level event carrying one "
+         "(bridge legs carry other numbers and are ignored)."),
+        ("to_number", "TEXT", "Called number, from the first call-level event carrying one."),
+        ("final_state", "TEXT", "Last call-level state by event time; disconnected is terminal. "
+         "Recording, speech and bridge states never become the call state."),
+        ("started_at", "TEXT", "Event time of the call's earliest event."),
+        ("ringing_at", "TEXT", "First ringing (outbound) or incomingcall (inbound) event time."),
+        ("answered_at", "TEXT", "First connected event time."),
+        ("ended_at", "TEXT", "First disconnected event time, else the time of the final failed."),
+        ("last_event_at", "TEXT", "Event time of the call's latest event."),
+        ("ring_seconds", "REAL", "Seconds from ringing_at to answered_at (or to ended_at when "
+         "never answered)."),
+        ("duration_s", "INTEGER", "Talk time: floor(first disconnected - first connected) in "
+         "seconds; NULL when either is missing."),
+        ("hold_seconds", "REAL", "Seconds spent between hold and unhold (an open hold ends at "
+         "disconnected)."),
+        ("disconnect_reason", "TEXT", "disconnect_reason (or reason) of the event that ended "
+         "the call."),
+        ("plays", "INTEGER", "Number of distinct play_id on play and speech events."),
+        ("digits", "TEXT", "JSON array of digit strings (play digitcollected and dtmf events) "
+         "in event-time order."),
+        ("speech", "TEXT", "JSON array of recognised speech texts, in event-time order."),
+        ("speech_results", "TEXT", "JSON array of every speech result (recognized, "
+         "unrecognized, timeout), in event-time order."),
+        ("recording_url", "TEXT", "Last non-empty recording_url on any event of the call."),
+        ("recording_duration_s", "REAL", "Last recording_duration (seconds) on any event."),
+        ("bridge_state", "TEXT", "Last bridge-level state (bridging, bridged, "
+         "bridge_disconnected, or a leg's failed/initiated after connected)."),
+        ("transfer_to", "TEXT", "Last transfer target number seen."),
+        ("owner_ref", "TEXT", "First owner_ref sent with the call."),
+        ("channel_id", "TEXT", "First channel_id sent with the call."),
+        ("room_id", "TEXT", "Last room the call joined."),
+        ("broadcast_id", "TEXT", "Broadcast this call is a leg of, if any."),
+        ("event_count", "INTEGER", "Number of logged (deduplicated) events of the call."),
+        ("unknown_events", "INTEGER", "Events of a kind or state callgate does not know."),
+        ("out_of_order_events", "INTEGER", "Events that arrived (by seq) after an event "
+         "with a later event time."),
+        ("event_classes", "TEXT", "JSON object: number of events per class (after bridge "
+         "legs are re-derived from event order)."),
+        ("first_seq", "INTEGER", "Lowest events.seq of the call."),
+        ("last_seq", "INTEGER", "Highest events.seq of the call."),
+    ),
+    primary_key=("voice_id",),
+    indexes=(
+        ("calls_started_at", '"started_at"', "", False),
+        ("calls_final_state", '"final_state", "started_at"', "", False),
+        ("calls_direction", '"direction", "started_at"', "", False),
+        ("calls_broadcast_id", '"broadcast_id"', '"broadcast_id" IS NOT NULL', False),
+    ),
+)
+
+PLAYS = Table(
+    "plays",
+    "One row per play (prompt) of a call, keyed by play_id.",
+    (
+        ("voice_id", "TEXT NOT NULL", "Call the play belongs to."),
+        ("play_id", "TEXT NOT NULL", "EnableX play id."),
+        ("prompt_ref", "TEXT", "Last non-empty prompt_ref of the play."),
+        ("final_state", "TEXT", "Last playstate by event time (playfinished, digitcollected, "
+         "menutimeout, speechrecognized, ...)."),
+        ("digits", "TEXT", "JSON array of digits collected by this play."),
+        ("speech_result", "TEXT", "Last speech result of this play, if it listened for speech."),
+        ("speech_text", "TEXT", "Last recognised text of this play."),
+        ("started_at", "TEXT", "Time of the play's first event (normally initiated)."),
+        ("finished_at", "TEXT", "Time of the play's last event that is not initiated."),
+        ("event_count", "INTEGER", "Events of this play."),
+        ("first_seq", "INTEGER", "Lowest events.seq of the play."),
+        ("last_seq", "INTEGER", "Highest events.seq of the play."),
+    ),
+    primary_key=("voice_id", "play_id"),
+    without_rowid=True,
+    indexes=(("plays_prompt_ref", '"prompt_ref"', "", False),),
+)
+
+RECORDINGS = Table(
+    "recordings",
+    "One row per recording of a call (by recording_id; '' when EnableX sent none).",
+    (
+        ("voice_id", "TEXT NOT NULL", "Call that was recorded."),
+        ("recording_id", "TEXT NOT NULL", "EnableX recording id, '' when not sent."),
+        ("state", "TEXT", "Last recording state (started, completed, failed, ...)."),
+        ("started_at", "TEXT", "First started event time."),
+        ("completed_at", "TEXT", "First completed event time."),
+        ("recording_url", "TEXT", "Last non-empty recording_url of the recording (or of the "
+         "call, when the call has exactly one recording)."),
+        ("duration_s", "REAL", "Recording length in seconds as reported by EnableX."),
+        ("description", "TEXT", "Last description sent with the recording events."),
+        ("event_count", "INTEGER", "Recording events of this recording."),
+        ("first_seq", "INTEGER", "Lowest events.seq of the recording (NULL if only known "
+         "from call events)."),
+        ("last_seq", "INTEGER", "Highest events.seq of the recording."),
+    ),
+    primary_key=("voice_id", "recording_id"),
+    without_rowid=True,
+)
+
+DTMF = Table(
+    "dtmf",
+    "Every digit input of a call, from play digitcollected and dtmfcollected events.",
+    (
+        ("voice_id", "TEXT NOT NULL", "Call the digits were keyed in."),
+        ("position", "INTEGER NOT NULL", "1-based order of this input within the call."),
+        ("occurred_at", "TEXT", "Event time."),
+        ("digits", "TEXT", "Digits as a string (0 stays \"0\")."),
+        ("source", "TEXT", "play (digitcollected of a play) or dtmf (dtmfcollected)."),
+        ("play_id", "TEXT", "Play that collected the digits, if any."),
+        ("prompt_ref", "TEXT", "prompt_ref of that play, if sent."),
+        ("seq", "INTEGER", "events.seq of the event."),
+    ),
+    primary_key=("voice_id", "position"),
+    without_rowid=True,
+)
+
+SPEECH = Table(
+    "speech",
+    "Every speech-recognition result of a call.",
+    (
+        ("voice_id", "TEXT NOT NULL", "Call that was listened to."),
+        ("position", "INTEGER NOT NULL", "1-based order of this result within the call."),
+        ("occurred_at", "TEXT", "Event time."),
+        ("result", "TEXT", "recognized, unrecognized or timeout."),
+        ("text", "TEXT", "Recognised text (text or recognized_phrase)."),
+        ("confidence", "REAL", "Recogniser confidence, when sent."),
+        ("reason", "TEXT", "reason sent with the result."),
+        ("play_id", "TEXT", "Play that listened, if sent."),
+        ("prompt_ref", "TEXT", "prompt_ref of that play, if sent."),
+        ("seq", "INTEGER", "events.seq of the event."),
+    ),
+    primary_key=("voice_id", "position"),
+    without_rowid=True,
+)
+
+BROADCASTS = Table(
+    "broadcasts",
+    "One row per broadcast: its summary event(s) and its legs.",
+    (
+        ("broadcast_id", "TEXT NOT NULL", "EnableX broadcast id."),
+        ("state", "TEXT", "Last summary state (broadcastcomplete, broadcastcall_complete); "
+         "NULL until the summary arrives."),
+        ("from_number", "TEXT", "Caller id of the broadcast."),
+        ("successful_calls", "INTEGER", "resultSet.successfull_calls, else broadcast_call_info "
+         "entries whose state is completed."),
+        ("failed_calls", "INTEGER", "resultSet.failed_calls, else the other "
+         "broadcast_call_info entries."),
+        ("total_calls", "INTEGER", "successful_calls + failed_calls when both are known."),
+        ("totals_source", "TEXT", "resultSet or broadcast_call_info: where the totals came from."),
+        ("legs", "INTEGER", "Distinct leg calls (voice_id) seen with this broadcast_id."),
+        ("legs_answered", "INTEGER", "Legs with a connected event."),
+        ("started_at", "TEXT", "Event time of the broadcast's earliest event."),
+        ("completed_at", "TEXT", "Event time of the last summary event."),
+        ("call_info", "TEXT", "broadcast_call_info of the last summary (JSON array)."),
+        ("event_count", "INTEGER", "Events carrying this broadcast_id (summaries and legs)."),
+        ("first_seq", "INTEGER", "Lowest events.seq carrying this broadcast_id."),
+        ("last_seq", "INTEGER", "Highest events.seq carrying this broadcast_id."),
+    ),
+    primary_key=("broadcast_id",),
+)
+
+TIMELINE_MARKS = Table(
+    "timeline_marks",
+    "What the timeline view needs beyond the log: events whose class was re-derived from the "
+    "call's history, or that arrived after a later-timed event.",
+    (
+        ("seq", "INTEGER NOT NULL", "events.seq of the event."),
+        ("voice_id", "TEXT", "Call of the event; NULL for broadcast summaries."),
+        ("broadcast_id", "TEXT", "Broadcast id carried by the event."),
+        ("class", "TEXT NOT NULL", "Class after re-derivation (a failed/initiated after "
+         "connected is a bridge leg)."),
+        ("arrived_late", "INTEGER NOT NULL", "1 when an event with a later event time of the "
+         "same call (or broadcast) was logged before it."),
+    ),
+    primary_key=("seq",),
+    indexes=(
+        ("timeline_marks_voice_id", '"voice_id"', "", False),
+        ("timeline_marks_broadcast", '"broadcast_id"', '"voice_id" IS NULL', False),
+    ),
+)
+
+# Every logged event in call order. A view, not a table: the log already holds one row
+# per event with the indexes a timeline needs (voice_id, occurred_at, seq) and
+# (occurred_at), so a rebuild never copies a million rows; only timeline_marks is stored.
+# `position` is a correlated count over that index: computed only for rows shown.
+TIMELINE_VIEW = "timeline"
+TIMELINE_DESCRIPTION = (
+    "Every logged event in call order (event time, ties by seq) with its class re-derived "
+    "from the call's history. Filter by voice_id and sort by occurred_at, seq."
+)
+TIMELINE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("seq", "events.seq of the event (its position in the log)."),
+    ("voice_id", "Call of the event; NULL for broadcast summaries."),
+    ("broadcast_id", "Broadcast id carried by the event."),
+    ("position", "1-based order within the call (or within the broadcast's summaries)."),
+    ("occurred_at", "Event time (UTC)."),
+    ("received_at", "When callgate received it (UTC)."),
+    ("class", "call, play, speech, recording, dtmf, bridge, broadcast or unknown; a "
+     "failed/initiated after connected is a bridge leg."),
+    ("state", "State within the class (play: playstate; speech: result)."),
+    ("play_id", "Play id, when sent."),
+    ("prompt_ref", "prompt_ref, when sent."),
+    ("digits", "Digits, when sent."),
+    ("text", "Speech text, when sent."),
+    ("reason", "disconnect_reason or reason, when sent."),
+    ("arrived_late", "1 when an event with a later event time arrived first."),
+)
+TIMELINE_SQL = f"""CREATE VIEW IF NOT EXISTS "{TIMELINE_VIEW}" AS
+SELECT e.seq AS seq, e.voice_id AS voice_id, e.broadcast_id AS broadcast_id,
+       CASE WHEN e.voice_id IS NOT NULL THEN
+         (SELECT count(*) FROM events AS p WHERE p.voice_id = e.voice_id
+            AND (p.occurred_at < e.occurred_at
+                 OR (p.occurred_at = e.occurred_at AND p.seq <= e.seq)))
+       ELSE
+         (SELECT count(*) FROM events AS p WHERE p.broadcast_id = e.broadcast_id
+            AND p.voice_id IS NULL AND (p.occurred_at < e.occurred_at
+                 OR (p.occurred_at = e.occurred_at AND p.seq <= e.seq)))
+       END AS position,
+       e.occurred_at AS occurred_at, e.received_at AS received_at,
+       COALESCE(m.class, e.class) AS class, e.state AS state,
+       json_extract(e.payload, '$.play_id') AS play_id,
+       json_extract(e.payload, '$.prompt_ref') AS prompt_ref,
+       json_extract(e.payload, '$.digits') AS digits,
+       json_extract(e.payload, '$.text') AS text,
+       COALESCE(NULLIF(json_extract(e.payload, '$.disconnect_reason'), ''),
+                json_extract(e.payload, '$.reason')) AS reason,
+       COALESCE(m.arrived_late, 0) AS arrived_late
+FROM events AS e LEFT JOIN timeline_marks AS m ON m.seq = e.seq"""
+
+CHECKPOINTS = Table(
+    "checkpoints",
+    "How far each consumer of the log has got (name 'projector': the projections).",
+    (
+        ("name", "TEXT NOT NULL", "Consumer name."),
+        ("seq", "INTEGER NOT NULL", "Highest events.seq fully reflected by that consumer."),
+        ("updated_at", "TEXT", "When the checkpoint last moved (UTC)."),
+    ),
+    primary_key=("name",),
+)
+
+_FIELDS = {
+    CALLS: folds.CALL_FIELDS,
+    PLAYS: folds.PLAY_FIELDS,
+    RECORDINGS: folds.RECORDING_FIELDS,
+    DTMF: folds.DTMF_FIELDS,
+    SPEECH: folds.SPEECH_FIELDS,
+    BROADCASTS: folds.BROADCAST_FIELDS,
+    TIMELINE_MARKS: folds.MARK_FIELDS,
+}
+for _table, _fields in _FIELDS.items():  # the folds emit positional rows: orders must agree
+    if _table.column_names != _fields:
+        raise RuntimeError(f"analytics.tables.{_table.name} columns differ from the fold's rows")
+if tuple(name for name, _ in TIMELINE_COLUMNS) != folds.TIMELINE_FIELDS:
+    raise RuntimeError("analytics.tables.TIMELINE_COLUMNS differ from the fold's timeline rows")
+
+# Tables a rebuild drops and re-creates (checkpoints is shared, so it is only updated).
+PROJECTIONS: tuple[Table, ...] = (
+    CALLS, PLAYS, RECORDINGS, DTMF, SPEECH, BROADCASTS, TIMELINE_MARKS,
+)  # fmt: skip
+ALL_TABLES: tuple[Table, ...] = (*PROJECTIONS, CHECKPOINTS)
+
+# For metadata.yml: a description per table/view and per column.
+TABLE_DESCRIPTIONS: dict[str, str] = {
+    **{t.name: t.description for t in ALL_TABLES},
+    TIMELINE_VIEW: TIMELINE_DESCRIPTION,
+}
+COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
+    **{t.name: {name: text for name, _, text in t.columns} for t in ALL_TABLES},
+    TIMELINE_VIEW: dict(TIMELINE_COLUMNS),
+}
+
+
+def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
+    """Idempotent: create every projection table (and its indexes unless bulk loading) and
+    the timeline view. Needs the `events` table (gateway.eventlog.ensure_schema)."""
+    for table in ALL_TABLES:
+        conn.execute(table.create_sql())
+        if indexes:
+            for sql in table.index_sql():
+                conn.execute(sql)
+    conn.execute(TIMELINE_SQL)
+
+
+def create_indexes(conn: sqlite3.Connection) -> None:
+    """Indexes are built after a bulk load: one sort beats a million B-tree inserts."""
+    for table in ALL_TABLES:
+        for sql in table.index_sql():
+            conn.execute(sql)
+
+
+def drop_projections(conn: sqlite3.Connection) -> None:
+    """Drop the derived tables (never `events`, never `checkpoints`)."""
+    kind = conn.execute(
+        "SELECT type FROM sqlite_master WHERE name = ?", (TIMELINE_VIEW,)
+    ).fetchone()
+    if kind is not None:  # a view now; an early build stored it as a table
+        conn.execute(f'DROP {"VIEW" if kind[0] == "view" else "TABLE"} "{TIMELINE_VIEW}"')
+    for table in PROJECTIONS:
+        conn.execute(f'DROP TABLE IF EXISTS "{table.name}"')

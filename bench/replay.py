@@ -1,0 +1,417 @@
+"""Rebuild benchmark: how fast the projections are replayed from the event log.
+
+Generates a realistic log (default 1,000,000 events, about 100,000 calls of the
+shapes EnableX sends: outbound TTS, inbound IVR with digits, bridges with
+recordings, speech menus, holds and transfers, busy and unanswered calls,
+broadcasts) straight into the real `events` schema, hash chain included, then
+prints the raw rate of reading + JSON-decoding the log next to the rebuild rate.
+
+    .venv/bin/python bench/replay.py [--events N] [--db PATH] [--fresh]
+
+The generated DB is kept (default bench/replay.db) and reused when it already
+holds the requested number of events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import os
+import random
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analytics import projector  # noqa: E402
+from gateway import eventlog, schemas  # noqa: E402
+
+EPOCH = datetime(2024, 3, 1, tzinfo=UTC)
+APP_LABEL = "app-" + hashlib.sha256(b"bench-app-id").hexdigest()[:8]
+CALLS_PER_CHUNK = 2000
+MEAN_GAP_S = 1.7  # mean seconds between call starts: ~100 calls in progress at any time
+OUR_NUMBER = "918068475012"
+
+Raw = dict[str, Any]
+
+
+class Call:
+    """Builds one call's raw webhooks (EnableX shapes) at increasing event times."""
+
+    def __init__(self, rng: random.Random, start: float, voice_id: str | None = None) -> None:
+        self.rng = rng
+        self.t = start
+        self.voice_id = voice_id or str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        self.events: list[tuple[float, Raw]] = []
+        self.plays = 0
+        self.customer = "9198" + str(rng.randrange(10**8)).zfill(8)
+
+    def at(self) -> str:
+        moment = EPOCH + timedelta(seconds=self.t)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+    def wait(self, low: float, high: float) -> None:
+        self.t += self.rng.uniform(low, high)
+
+    def emit(self, **fields: Any) -> None:
+        self.events.append((self.t, {"voice_id": self.voice_id, **fields, "timestamp": self.at()}))
+
+    def call(self, state: str, inbound: bool, **extra: Any) -> None:
+        a, b = (self.customer, OUR_NUMBER) if inbound else (OUR_NUMBER, self.customer)
+        self.emit(state=state, **{"from": a, "to": b}, **extra)
+
+    def play(self, prompt: str, outcome: str = "playfinished", **extra: Any) -> None:
+        self.plays += 1
+        play_id = f"pl-{self.voice_id[:8]}-{self.plays}"
+        self.wait(0.2, 0.6)
+        self.emit(play_id=play_id, playstate="initiated", prompt_ref=prompt)
+        self.wait(2, 12)
+        self.emit(play_id=play_id, playstate=outcome, prompt_ref=prompt, **extra)
+
+
+def outbound_tts(c: Call) -> None:
+    c.call("initiated", False, owner_ref="bench")
+    c.wait(1, 4)
+    c.call("ringing", False, owner_ref="bench")
+    c.wait(2, 15)
+    c.call("connected", False, owner_ref="bench")
+    c.play("1")
+    c.play("2")
+    c.wait(1, 10)
+    c.call("disconnected", False, disconnect_reason="hangup_by_api")
+
+
+def inbound_ivr(c: Call) -> None:
+    c.call("incomingcall", True, channel_id=f"ch-{c.voice_id[:6]}")
+    c.wait(0.5, 3)
+    c.call("connected", True)
+    c.play("welcome")
+    retries = c.rng.choice((0, 0, 0, 1, 2))
+    for _ in range(retries):
+        c.play("menu", "menutimeout")
+    c.play("menu", "digitcollected", digit=str(c.rng.randrange(10)))
+    c.play("confirm")
+    c.wait(1, 5)
+    c.call("disconnected", True, disconnect_reason=c.rng.choice(("hangup_by_api", "remote_hangup")))
+
+
+def bridge_recording(c: Call) -> None:
+    agent = "9198111" + str(c.rng.randrange(10**5)).zfill(5)
+    c.call("initiated", False)
+    c.wait(1, 4)
+    c.call("ringing", False)
+    c.wait(2, 12)
+    c.call("connected", False)
+    c.play("welcome_prompt")
+    c.wait(0.5, 2)
+    c.emit(state="bridging", **{"from": OUR_NUMBER, "to": agent})
+    c.wait(3, 9)
+    c.emit(state="bridged", **{"from": OUR_NUMBER, "to": agent})
+    rec = f"rec-{c.voice_id[:8]}"
+    url = f"https://api.enablex.io/voice/v1/recording/bench/{rec}.mp3"
+    c.wait(0.5, 2)
+    c.emit(recordstate="started", recording_id=rec)
+    length = c.rng.randrange(20, 300)
+    c.t += length
+    c.emit(recordstate="completed", recording_id=rec, recording_url=url, recording_duration=length)
+    c.wait(1, 20)
+    c.emit(state="bridge_disconnected", **{"from": OUR_NUMBER, "to": agent})
+    c.wait(0.1, 0.5)
+    c.call("disconnected", False, disconnect_reason="Normal Clearing", recording_url=url,
+           recording_duration=length)  # fmt: skip
+
+
+def inbound_speech(c: Call) -> None:
+    c.call("incoming call", True, channel_id=f"ch-{c.voice_id[:6]}")
+    c.wait(0.5, 3)
+    c.call("connected", True)
+    for result in c.rng.choice((("recognized",), ("timeout", "recognized"),
+                                ("timeout", "unrecognized", "recognized"))):  # fmt: skip
+        c.wait(0.2, 0.6)
+        c.plays += 1
+        c.emit(play_id=f"pl-{c.voice_id[:8]}-{c.plays}", playstate="initiated", prompt_ref="asr")
+        c.wait(4, 12)
+        text = c.rng.choice(("talk to sales", "billing", "yes please")) if result == "recognized" else ""
+        c.emit(state=result, text=text, reason=result.title(), playstate="speech_recognized",
+               prompt_ref="asr")  # fmt: skip
+    c.play("goodbye")
+    c.wait(0.5, 2)
+    c.call("disconnected", True)
+
+
+def hold_transfer(c: Call) -> None:
+    agent = "9198111" + str(c.rng.randrange(10**5)).zfill(5)
+    c.call("incomingcall", True, channel_id=f"ch-{c.voice_id[:6]}")
+    c.wait(0.5, 3)
+    c.call("connected", True)
+    c.wait(1, 3)
+    c.call("joined", True, room_id=f"room-{c.rng.randrange(50)}")
+    c.wait(10, 60)
+    c.call("hold", True)
+    c.wait(5, 60)
+    c.call("unhold", True)
+    c.wait(5, 30)
+    c.emit(state="dtmfcollected", digit=c.rng.randrange(100000))
+    c.wait(2, 20)
+    c.emit(state="transferring", transfer_to=agent, **{"from": OUR_NUMBER, "to": agent})
+    c.wait(3, 9)
+    c.emit(state="bridged", **{"from": OUR_NUMBER, "to": agent})
+    c.wait(30, 300)
+    c.emit(state="bridge_disconnected", **{"from": OUR_NUMBER, "to": agent})
+    c.wait(0.1, 0.4)
+    c.call("disconnected", True, disconnect_reason="remote_hangup")
+
+
+def busy(c: Call) -> None:
+    c.call("initiated", False)
+    c.wait(1, 6)
+    c.call("disconnected", False, disconnect_reason="User Busy")
+
+
+def no_answer(c: Call) -> None:
+    c.call("initiated", False)
+    c.wait(1, 4)
+    c.call("ringing", False)
+    c.wait(20, 45)
+    c.call("failed", False, reason="no_answer")
+
+
+SHAPES: tuple[tuple[Callable[[Call], None], int], ...] = (
+    (outbound_tts, 22),
+    (inbound_ivr, 25),
+    (bridge_recording, 15),
+    (inbound_speech, 12),
+    (hold_transfer, 10),
+    (busy, 6),
+    (no_answer, 5),
+)
+
+
+def broadcast(rng: random.Random, start: float) -> list[tuple[float, Raw]]:
+    """A broadcast of 3-6 legs, then its summary (legacy resultSet or v2 call info)."""
+    broadcast_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    events: list[tuple[float, Raw]] = []
+    info = []
+    end = start
+    for leg in range(rng.randrange(3, 7)):
+        c = Call(rng, start + leg * 0.2)
+        tag = {"broadcast_id": broadcast_id}
+        c.call("initiated", False, **tag)
+        c.wait(1, 4)
+        c.call("ringing", False, **tag)
+        answered = rng.random() < 0.8
+        if answered:
+            c.wait(2, 10)
+            c.call("connected", False, **tag)
+            c.play("broadcast_initial_prompt", broadcast_id=broadcast_id)
+            c.wait(0.2, 1)
+            c.call("disconnected", False, disconnect_reason="hangup_by_api", **tag)
+        else:
+            c.wait(20, 45)
+            c.call("failed", False, reason="no_answer", **tag)
+        info.append({"voice_id": c.voice_id, "to": c.customer,
+                     "state": "completed" if answered else "failed"})  # fmt: skip
+        events.extend(c.events)
+        end = max(end, c.t)
+    end += 1
+    at = (EPOCH + timedelta(seconds=end)).isoformat().replace("+00:00", "Z")
+    if rng.random() < 0.5:
+        ok = sum(1 for i in info if i["state"] == "completed")
+        summary = {"broadcast_id": broadcast_id, "state": "broadcastcomplete", "from": OUR_NUMBER,
+                   "resultSet": {"successfull_calls": ok, "failed_calls": len(info) - ok},
+                   "timestamp": at}  # fmt: skip
+    else:
+        summary = {"broadcast_id": broadcast_id, "state": "broadcastcall_complete",
+                   "from": OUR_NUMBER, "broadcast_call_info": info, "timestamp": at}  # fmt: skip
+    events.append((end, summary))
+    return events
+
+
+def fmt(seconds: float) -> str:
+    moment = EPOCH + timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def make_chunk(args: tuple[int, int]) -> tuple[float, list[tuple[float, int, tuple[Any, ...]]]]:
+    """Calls of one chunk (deterministic per index) → their events, normalised, with arrival
+    times; a worker process does this part because normalise() dominates generation."""
+    index, seed = args
+    rng = random.Random(seed * 1_000_003 + index)
+    start = index * CALLS_PER_CHUNK * MEAN_GAP_S
+    first_start = start
+    shapes = [shape for shape, _ in SHAPES]
+    weights = [weight for _, weight in SHAPES]
+    out: list[tuple[float, int, tuple[Any, ...]]] = []
+    order = 0
+    for _ in range(CALLS_PER_CHUNK):
+        start += rng.expovariate(1 / MEAN_GAP_S)
+        if rng.random() < 0.01:
+            timed = broadcast(rng, start)
+        else:
+            c = Call(rng, start)
+            rng.choices(shapes, weights)[0](c)
+            timed = c.events
+        for occurred, raw in timed:
+            # Network delay; 2% of webhooks are retried late and arrive out of order.
+            delay = rng.uniform(0.03, 0.4) if rng.random() > 0.02 else rng.uniform(2, 30)
+            arrival = occurred + delay
+            received_at = fmt(arrival)
+            event = schemas.normalise(raw, received_at)
+            raw_text = orjson.dumps(raw).decode()
+            digest = eventlog.content_hash(raw)
+            row = ("ev_" + digest[:24], APP_LABEL, event.get("voice_id"),
+                   event.get("broadcast_id"), event["class"], event.get("state"),
+                   event["occurred_at"], received_at, eventlog.canonical_json(event), raw_text,
+                   digest)  # fmt: skip
+            order += 1
+            out.append((arrival, order, row))
+    return first_start, out
+
+
+def _chunks(n_events: int, seed: int, workers: int) -> Iterator[tuple[float, list[Any]]]:
+    """Chunks in start order, generated in parallel; stops once enough events were made."""
+    made = 0
+    index = 0
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        while made < n_events:
+            batch = list(range(index, index + workers * 2))
+            index += len(batch)
+            for first, rows in pool.map(make_chunk, [(i, seed) for i in batch]):
+                yield first, rows
+                made += len(rows)
+                if made >= n_events:
+                    return
+
+
+def generate(db_path: str, n_events: int, seed: int = 7, workers: int | None = None) -> int:
+    """Write about `n_events` events into a fresh log at db_path; returns the count written."""
+    path = Path(db_path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    conn = eventlog.connect(str(path), synchronous="OFF")
+    eventlog.ensure_schema(conn)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    heap: list[tuple[float, int, tuple[Any, ...]]] = []
+    seq, prev = 0, eventlog.GENESIS_HASH
+    buffer: list[tuple[Any, ...]] = []
+    tiebreak = 0
+    columns = eventlog.HASHED_COLUMNS
+    sql = (
+        "INSERT INTO events (seq, event_id, app_id, voice_id, broadcast_id, class, state, "
+        "occurred_at, received_at, payload, raw, content_hash, prev_hash, hash) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    )
+
+    def drain(limit: float) -> None:
+        nonlocal seq, prev
+        while heap and heap[0][0] < limit and seq < n_events:
+            _, _, row = heapq.heappop(heap)
+            seq += 1
+            record = dict(zip(columns, (seq, *row), strict=True))
+            digest = eventlog.row_hash(prev, record)
+            buffer.append((seq, *row, prev, digest))
+            prev = digest
+            if len(buffer) >= 50000:
+                flush()
+
+    def flush() -> None:
+        conn.execute("BEGIN")
+        conn.executemany(sql, buffer)
+        conn.execute("COMMIT")
+        buffer.clear()
+        print(f"\r  generated {seq:,} events", end="", file=sys.stderr, flush=True)
+
+    for first, rows in _chunks(n_events, seed, workers):
+        drain(first)  # later chunks' events all arrive after their first call starts
+        for arrival, order, row in rows:
+            tiebreak += 1
+            heapq.heappush(heap, (arrival, tiebreak, row))
+            del order
+    drain(float("inf"))
+    flush()
+    print(file=sys.stderr)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("ANALYZE")
+    conn.close()
+    return seq
+
+
+def raw_rate(conn: sqlite3.Connection, order_by: str = "seq") -> tuple[int, float]:
+    """Just read every payload and orjson-decode it: the floor any replay pays."""
+    cur = conn.cursor()
+    cur.row_factory = None
+    loads = orjson.loads
+    started = time.perf_counter()
+    n = 0
+    cur.execute(f"SELECT payload FROM events ORDER BY {order_by}")
+    while rows := cur.fetchmany(20000):
+        for (payload,) in rows:
+            loads(payload)
+        n += len(rows)
+    return n, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="log size to generate")
+    parser.add_argument("--db", default=str(Path(__file__).with_name("replay.db")))
+    parser.add_argument("--fresh", action="store_true", help="regenerate even if the DB exists")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    existing = 0
+    if Path(args.db).exists() and not args.fresh:
+        probe = sqlite3.connect(args.db)
+        try:
+            existing = probe.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        except sqlite3.Error:
+            existing = 0
+        probe.close()
+    if existing != args.events:
+        started = time.perf_counter()
+        written = generate(args.db, args.events, args.seed)
+        print(f"generated {written:,} events in {time.perf_counter() - started:.1f} s "
+              f"→ {args.db}")  # fmt: skip
+    conn = eventlog.connect(args.db, synchronous="NORMAL")
+    conn.execute("PRAGMA cache_size=-262144")
+    calls = conn.execute(
+        "SELECT COUNT(DISTINCT voice_id), COUNT(DISTINCT broadcast_id) FROM events"
+    ).fetchone()
+    print(f"log: {args.events:,} events, {calls[0]:,} calls, {calls[1]:,} broadcasts")
+
+    raw_rate(conn)  # warm the page cache so both figures measure CPU, not the disk
+    n, raw_s = raw_rate(conn)
+    raw = n / raw_s
+    print(f"raw read + orjson decode (seq order):       {raw:>10,.0f} events/s  ({raw_s:.2f} s)")
+    n_idx, idx_s = raw_rate(conn, "voice_id, occurred_at, seq")
+    print(f"raw read + decode (call order, for info):   {n_idx / idx_s:>10,.0f} events/s  "
+          f"({idx_s:.2f} s)")  # fmt: skip
+
+    started = time.perf_counter()
+    replayed = projector.rebuild(conn)
+    rebuild_s = time.perf_counter() - started
+    rate = replayed / rebuild_s
+    print(f"rebuild (fold + write every projection):    {rate:>10,.0f} events/s  "
+          f"({rebuild_s:.2f} s)")  # fmt: skip
+    print(f"ratio rebuild / raw:                        {rate / raw:>10.2f}")
+    rows = {
+        table: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline")
+    }
+    print("rows: " + ", ".join(f"{table} {count:,}" for table, count in rows.items()))
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
