@@ -454,7 +454,9 @@ def fold_broadcast(events: list[Event], timeline: bool = False) -> BroadcastRows
     """One broadcast's events (summaries and legs), ALREADY in (occurred_at, seq) order.
 
     Totals come from the last summary carrying resultSet numbers, else are counted
-    from the last broadcast_call_info (state "completed" = successful).
+    from the last broadcast_call_info (state "completed" = successful). Of a leg's
+    events only voice_id, class, state, occurred_at and seq are read (the projector
+    passes just those), so legs never need decoding.
     """
     broadcast_id = events[0]["broadcast_id"]
     state = None
@@ -475,8 +477,6 @@ def fold_broadcast(events: list[Event], timeline: bool = False) -> BroadcastRows
             legs.add(voice_id)
             if cls == _CALL and ev["state"] == "connected":
                 answered.add(voice_id)
-            if from_number is None and cls == _CALL and ev.get("from"):
-                from_number = ev["from"]
             if cls != "broadcast":
                 continue
         if cls == "broadcast":

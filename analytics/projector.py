@@ -15,6 +15,8 @@ until the new ones are complete.
 from __future__ import annotations
 
 import gc
+import itertools
+import operator
 import signal
 import sqlite3
 import threading
@@ -43,9 +45,16 @@ _BULK_PRAGMAS = {"cache_size": -262144, "mmap_size": 1 << 30, "temp_store": 2}
 _CALL_EVENTS = (
     "SELECT seq, received_at, payload FROM events WHERE voice_id = ? ORDER BY occurred_at, seq"
 )
-_BROADCAST_EVENTS = (
-    "SELECT seq, received_at, payload FROM events WHERE broadcast_id = ? "
-    "ORDER BY occurred_at, seq"
+# A broadcast's legs matter to its row only through their columns (voice_id, class, state,
+# time, seq), so only summaries are decoded: a 10,000-leg broadcast stays cheap to re-fold.
+_BROADCAST_COLUMNS = (
+    "SELECT broadcast_id, seq, received_at, voice_id, class, state, occurred_at, "
+    "CASE WHEN voice_id IS NULL OR class = 'broadcast' THEN payload END FROM events "
+)
+_BROADCAST_EVENTS = _BROADCAST_COLUMNS + "WHERE broadcast_id = ? ORDER BY occurred_at, seq"
+_ALL_BROADCAST_EVENTS = (
+    _BROADCAST_COLUMNS
+    + "WHERE broadcast_id IS NOT NULL ORDER BY broadcast_id, occurred_at, seq"
 )
 _PER_CALL_TABLES = (tables.CALLS, tables.PLAYS, tables.RECORDINGS, tables.DTMF, tables.SPEECH)
 
@@ -112,9 +121,28 @@ def load_call(conn: sqlite3.Connection, voice_id: str) -> list[dict[str, Any]]:
     return _decode(_cursor(conn).execute(_CALL_EVENTS, (voice_id,)))
 
 
+def _broadcast_event(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A summary decoded in full; a leg's event as just the columns the broadcast fold reads."""
+    broadcast_id, seq, received_at, voice_id, cls, state, occurred_at, payload = row
+    if payload is not None:
+        event = orjson.loads(payload)
+        event["seq"] = seq
+        event["received_at"] = received_at
+        return event  # type: ignore[no-any-return]
+    return {
+        "voice_id": voice_id,
+        "broadcast_id": broadcast_id,
+        "class": cls,
+        "state": state,
+        "occurred_at": occurred_at,
+        "seq": seq,
+        "received_at": received_at,
+    }
+
+
 def load_broadcast(conn: sqlite3.Connection, broadcast_id: str) -> list[dict[str, Any]]:
     """All logged events carrying one broadcast_id (summaries and legs), in event order."""
-    return _decode(_cursor(conn).execute(_BROADCAST_EVENTS, (broadcast_id,)))
+    return [_broadcast_event(r) for r in _cursor(conn).execute(_BROADCAST_EVENTS, (broadcast_id,))]
 
 
 class _Rows:
@@ -158,7 +186,7 @@ class _Rows:
             (tables.TIMELINE_MARKS, self.marks),
         ):
             if rows:
-                conn.executemany(table.insert_sql(), rows)
+                conn.executemany(table.insert_sql, rows)
                 rows.clear()
 
 
@@ -345,12 +373,10 @@ def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
                 if progress is not None:
                     progress(counter[0], total)
         pending.flush(conn)
-        for group in _grouped(
-            _cursor(conn),
-            "SELECT broadcast_id, seq, payload FROM events "
-            "WHERE broadcast_id IS NOT NULL ORDER BY broadcast_id, occurred_at, seq",
-            counter,
-        ):
+        broadcast_rows = _cursor(conn).execute(_ALL_BROADCAST_EVENTS)
+        for _, rows in itertools.groupby(broadcast_rows, key=operator.itemgetter(0)):
+            group = [_broadcast_event(r) for r in rows]
+            counter[0] += len(group)
             pending.add_broadcast(folds.fold_broadcast(group))
         pending.flush(conn)
         if progress is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from analytics import folds
 
@@ -46,6 +47,7 @@ class Table:
             out.append(f'CREATE {kind} IF NOT EXISTS "{index}" ON "{self.name}" ({cols}){clause}')
         return out
 
+    @cached_property
     def insert_sql(self) -> str:
         cols = ", ".join(f'"{c}"' for c in self.column_names)
         marks = ", ".join("?" for _ in self.columns)
@@ -198,7 +200,7 @@ BROADCASTS = Table(
         ("broadcast_id", "TEXT NOT NULL", "EnableX broadcast id."),
         ("state", "TEXT", "Last summary state (broadcastcomplete, broadcastcall_complete); "
          "NULL until the summary arrives."),
-        ("from_number", "TEXT", "Caller id of the broadcast."),
+        ("from_number", "TEXT", "Caller id of the broadcast (from its summary event)."),
         ("successful_calls", "INTEGER", "resultSet.successfull_calls, else broadcast_call_info "
          "entries whose state is completed."),
         ("failed_calls", "INTEGER", "resultSet.failed_calls, else the other "
