@@ -128,6 +128,10 @@ def _open(db: str):  # type: ignore[no-untyped-def]
 
 
 # --- registered commands ---
+from gateway.forward_commands import COMMANDS as _FORWARD_COMMANDS  # noqa: E402
+
+for _command in _FORWARD_COMMANDS:
+    main.add_command(_command)
 from analytics.datasette_commands import datasette as _datasette_command  # noqa: E402
 
 main.add_command(_datasette_command)
