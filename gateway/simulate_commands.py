@@ -8,11 +8,12 @@ gateway answered.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
+import queue
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -109,6 +110,28 @@ class SendReport:
     refusals: list[str] = field(default_factory=list)  # first few refusal bodies
     latencies_ms: list[float] = field(default_factory=list)
 
+    def record(self, response: httpx.Response | None, latency_ms: float, error: str | None) -> None:
+        """Count one finished delivery."""
+        self.sent += 1
+        if response is None:
+            self.errors += 1
+            if len(self.refusals) < 5 and error:
+                self.refusals.append(error)
+            return
+        self.latencies_ms.append(latency_ms)
+        self.statuses[response.status_code] += 1
+        if 200 <= response.status_code < 300:
+            self.acknowledged += 1
+            try:
+                if response.json().get("duplicate") is True:
+                    self.duplicates += 1
+            except ValueError:
+                pass
+        else:
+            self.refused += 1
+            if len(self.refusals) < 5:
+                self.refusals.append(f"{response.status_code} {response.text[:200]}")
+
     def percentile(self, p: float) -> float | None:
         """Nearest-rank percentile of request latency in ms."""
         if not self.latencies_ms:
@@ -145,17 +168,44 @@ class SendReport:
         return "\n".join(lines)
 
 
-async def _send_all(
+def _post(
+    client: httpx.Client, url: str, headers: dict[str, str], body: bytes
+) -> tuple[httpx.Response | None, float, str | None]:
+    """One delivery; a transport failure is retried like EnableX would (a reset is not a 4xx)."""
+    began = time.perf_counter()
+    for attempt in range(3):
+        try:
+            response = client.post(url, content=body, headers=headers)
+            return response, (time.perf_counter() - began) * 1000, None
+        except httpx.TransportError as exc:
+            if attempt == 2:
+                return None, 0.0, f"transport: {exc!r}"
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def send_simulation(
     sim: Simulation,
     url: str,
     wire: WireOptions,
-    concurrency: int,
-    time_scale: float | None,
-    on_done: Callable[[], None] | None,
+    *,
+    concurrency: int = 8,
+    time_scale: float | None = 60.0,
+    on_done: Callable[[], None] | None = None,
 ) -> SendReport:
-    """Producer paces deliveries onto a queue; `concurrency` workers POST them."""
+    """POST every delivery of `sim` to `url`; `time_scale=None` sends as fast as possible.
+
+    The calling thread paces deliveries onto a bounded queue; `concurrency` threads share
+    one keep-alive httpx client (the sync client costs about half the CPU per request of
+    the async one here, which matters when client and gateway share a machine).
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    target = webhook_url(url)
     report = SendReport(planned=len(sim.deliveries))
-    queue: asyncio.Queue[tuple[dict[str, str], bytes] | None] = asyncio.Queue(concurrency * 4)
+    lock = threading.Lock()
+    stop = threading.Event()
+    work: queue.Queue[tuple[dict[str, str], bytes] | None] = queue.Queue(concurrency * 4)
     # A redelivery must repeat the original bytes: keep those bodies until reused.
     repeated = {d.index for d in sim.deliveries if d.redelivery}
     bodies: dict[int, tuple[dict[str, str], bytes]] = {}
@@ -169,72 +219,42 @@ async def _send_all(
             bodies[d.index] = req
         return req
 
-    async def produce() -> None:
-        t0 = time.monotonic()
-        for d in sim.deliveries:
-            if time_scale:
-                ahead = t0 + d.send_ms / 1000 / time_scale - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            await queue.put(request_for(d))
-        for _ in range(concurrency):
-            await queue.put(None)
-
-    async def work(client: httpx.AsyncClient) -> None:
-        while (item := await queue.get()) is not None:
-            headers, body = item
-            began = time.perf_counter()
-            response = None
-            for attempt in range(3):  # EnableX retries too; a reset is not a refusal
-                try:
-                    response = await client.post(url, content=body, headers=headers)
-                    break
-                except httpx.TransportError as exc:
-                    if attempt == 2:
-                        report.errors += 1
-                        if len(report.refusals) < 5:
-                            report.refusals.append(f"transport: {exc!r}")
-                    else:
-                        await asyncio.sleep(0.2 * (attempt + 1))
-            report.sent += 1
-            if response is not None:
-                report.latencies_ms.append((time.perf_counter() - began) * 1000)
-                report.statuses[response.status_code] += 1
-                if 200 <= response.status_code < 300:
-                    report.acknowledged += 1
-                    try:
-                        if response.json().get("duplicate") is True:
-                            report.duplicates += 1
-                    except ValueError:
-                        pass
-                else:
-                    report.refused += 1
-                    if len(report.refusals) < 5:
-                        report.refusals.append(f"{response.status_code} {response.text[:200]}")
-            if on_done is not None:
-                on_done()
+    def worker(client: httpx.Client) -> None:
+        while (item := work.get()) is not None:
+            if stop.is_set():
+                continue
+            response, latency_ms, error = _post(client, target, *item)
+            with lock:
+                report.record(response, latency_ms, error)
+                if on_done is not None:
+                    on_done()
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     began = time.monotonic()
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(15.0)) as client:
-        await asyncio.gather(produce(), *(work(client) for _ in range(concurrency)))
-    report.elapsed_s = time.monotonic() - began
+    with httpx.Client(limits=limits, timeout=httpx.Timeout(15.0)) as client:
+        threads = [
+            threading.Thread(target=worker, args=(client,), name=f"simulate-{n}", daemon=True)
+            for n in range(concurrency)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for d in sim.deliveries:
+                if time_scale:
+                    ahead = began + d.send_ms / 1000 / time_scale - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                work.put(request_for(d))
+        except BaseException:
+            stop.set()  # Ctrl-C: drop what is queued, finish what is in flight
+            raise
+        finally:
+            for _ in threads:
+                work.put(None)
+            for thread in threads:
+                thread.join()
+            report.elapsed_s = time.monotonic() - began
     return report
-
-
-def send_simulation(
-    sim: Simulation,
-    url: str,
-    wire: WireOptions,
-    *,
-    concurrency: int = 8,
-    time_scale: float | None = 60.0,
-    on_done: Callable[[], None] | None = None,
-) -> SendReport:
-    """POST every delivery of `sim` to `url`; `time_scale=None` sends as fast as possible."""
-    if concurrency < 1:
-        raise ValueError("concurrency must be >= 1")
-    return asyncio.run(_send_all(sim, webhook_url(url), wire, concurrency, time_scale, on_done))
 
 
 def backdated_simulation(

@@ -268,7 +268,8 @@ def test_run_demo_plays_labelled_calls(tmp_path: Path) -> None:
     db = str(tmp_path / "cg.db")
     server = RunningServer(db, server_env(ENABLEX_APP_ID=DEMO_APP_ID)).start()
     try:
-        report = run_demo(server.url + "/webhooks/enablex", calls=30, seed=1, rate=200)
+        url = server.url + "/webhooks/enablex"
+        report = run_demo(url, calls=30, seed=1, rate=600, time_scale=600)
         assert report.ok, report.summary()
         assert report.acknowledged == report.sent > 30
         import sqlite3
