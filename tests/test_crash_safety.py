@@ -57,17 +57,19 @@ CALL_LEN = len(CALL_STATES)
 class LoggedServer(RunningServer):
     """`callgate serve` whose stderr goes to a file: a pipe nobody reads would block it."""
 
-    def __init__(self, db: str, env: dict[str, str], log_path: Path, workers: int = 2) -> None:
+    def __init__(self, db: str, env: dict[str, str], log_path: Path, workers: int = 2,
+                 args: tuple[str, ...] = ()) -> None:
         super().__init__(db, env, workers)
         self.log_path = log_path
+        self.args = args
 
     def start(self) -> LoggedServer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
-                 "--workers", str(self.workers)],
+                 "--workers", str(self.workers), *self.args],
                 env=self.env,
-                stdout=subprocess.DEVNULL,
+                stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
@@ -282,6 +284,7 @@ def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.skipif(not os.environ.get("CALLGATE_SOAK"), reason="soak: set CALLGATE_SOAK=1")
 def test_kill_9_soak(tmp_path: Path) -> None:
     run_crash_test(tmp_path, n_events=30000, n_kills=15, clients=12,

@@ -328,7 +328,8 @@ def fuzz_target(tmp_path: Path) -> Iterator[tuple[FlaskClient, sqlite3.Connectio
           f"outcomes {dict(stats.outcomes)}")
 
 
-@settings(max_examples=20_000 if SOAK else 700, deadline=None, derandomize=False,
+@pytest.mark.timeout(3600 if SOAK else 300)
+@settings(max_examples=10_000 if SOAK else 700, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(data=st.data())
