@@ -426,8 +426,10 @@ def enqueue(
 
 # The head of each (subscription, call) queue: the only delivery of that call allowed to
 # be attempted. Deliveries queued behind a pending one have no next_attempt_at (NULL: they
-# are promoted when the head leaves `pending`), so this scan only meets heads; the NOT
-# EXISTS is the guarantee itself, whatever next_attempt_at says.
+# are promoted when the head leaves `pending`), so this scan only meets heads; the first
+# NOT EXISTS is the guarantee itself, whatever next_attempt_at says; the second keeps a
+# call to one request in flight even when `redeliver` queued an older event behind a
+# newer one that is being sent.
 _HEADS = """
 SELECT d.id, d.subscription_id, d.seq, d.event_id, d.order_key, d.attempts, d.retry_step,
        d.next_attempt_at, s.url, e.payload
@@ -440,6 +442,10 @@ WHERE d.status = 'pending' AND d.next_attempt_at <= :now
       SELECT 1 FROM deliveries p
       WHERE p.subscription_id = d.subscription_id AND p.order_key = d.order_key
         AND p.status = 'pending' AND p.seq < d.seq)
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries q
+      WHERE q.subscription_id = d.subscription_id AND q.order_key = d.order_key
+        AND q.status = 'pending' AND q.seq > d.seq AND q.claimed_until > :now)
 ORDER BY d.next_attempt_at, d.seq
 LIMIT :limit
 """

@@ -38,21 +38,27 @@ def flow(name: str) -> Path:
     return next(path for path in FLOWS if path.name.startswith(name))
 
 
-def fill_log(db: str, flows: list[Path] | None = None) -> int:
-    """Normalise corpus flow events and append them, as the gateway would; returns the head."""
+def append_raw(db: str, raws: list[dict[str, Any]]) -> int:
+    """Normalise raw EnableX events and append them, as the gateway would; returns the head."""
     conn = eventlog.connect(db)
     eventlog.ensure_schema(conn)
     received = "2024-06-01T00:00:00.000Z"
-    items = []
-    for path in flows if flows is not None else FLOWS:
-        for raw in json.loads(path.read_text())["events"]:
-            event = normalise(raw, received)
-            text = json.dumps(raw)
-            items.append(eventlog.NewEvent(event, text, raw, "app-test", received))
+    items = [
+        eventlog.NewEvent(normalise(raw, received), json.dumps(raw), raw, "app-test", received)
+        for raw in raws
+    ]
     eventlog.append_batch(conn, items)
     head = eventlog.head(conn)[0]
     conn.close()
     return head
+
+
+def fill_log(db: str, flows: list[Path] | None = None) -> int:
+    """Append every event of the given corpus flows (default: all of them)."""
+    raws = []
+    for path in flows if flows is not None else FLOWS:
+        raws += json.loads(path.read_text())["events"]
+    return append_raw(db, raws)
 
 
 def log_events(db: str) -> list[dict[str, Any]]:
@@ -161,11 +167,12 @@ def assert_per_call_order(records: list[dict[str, Any]]) -> None:
 
 
 def assert_attempts_ordered(db: str) -> None:
-    """From the forwarder's own record: no event of a call was tried before the previous one
-    of the same call (and subscription) was delivered."""
+    """From the forwarder's own record: no event of a call was tried before the previous
+    event of that call (and subscription) was settled: delivered (its row was updated
+    after the receiver answered) or dead."""
     rows = query(
         db,
-        "SELECT d.subscription_id, d.order_key, d.seq, a.started_at, a.outcome "
+        "SELECT d.subscription_id, d.order_key, d.seq, d.delivered_at, a.started_at, a.outcome "
         "FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
         "ORDER BY d.subscription_id, d.order_key, d.seq, a.attempt",
     )
@@ -173,14 +180,16 @@ def assert_attempts_ordered(db: str) -> None:
     for row in rows:
         queues[(row["subscription_id"], row["order_key"])].append(row)
     for attempts in queues.values():
-        done_at = ""
+        settled_at = ""
         current = None
         for row in attempts:
             if row["seq"] != current:
-                assert row["started_at"] >= done_at, row
+                assert row["started_at"] >= settled_at, row
                 current = row["seq"]
-            if row["outcome"] in {"delivered", "dead"}:
-                done_at = row["started_at"]
+            if row["outcome"] == "delivered":
+                settled_at = row["delivered_at"]
+            elif row["outcome"] == "dead":
+                settled_at = row["started_at"]
 
 
 def test_patterns_types_and_schedule() -> None:
@@ -420,7 +429,7 @@ def test_one_stuck_call_waits_while_other_calls_flow(
     receivers.append(rx)
     subscribe(db, rx.url(), "--secret", secret)
     fill_log(db, [flow("22"), flow("02"), flow("08"), flow("14")])
-    forwarder.forward_once(db, options(schedule=(0, 0.4, 0.4)), drain=True)
+    forwarder.forward_once(db, options(schedule=(0, 0.5, 0.5)), drain=True)
 
     records = rx.records()
     stuck_ok = [r for r in records if r["envelope"]["subject"] == stuck and r["status"] == 200]
@@ -538,15 +547,12 @@ def test_rotation_signs_with_both_secrets_during_overlap(
     db: str, tmp_path: Path, receivers: list[Receiver]
 ) -> None:
     old = generate_secret()
-    sub_id, _ = subscribe(db, "http://127.0.0.1:9/unused", "--secret", old)
+    rx = Receiver(tmp_path)  # started once the new secret is known
+    sub_id, _ = subscribe(db, rx.url(), "--secret", old)
     out = run_cli("rotate-secret", sub_id, "--db", db)
     new = next(line.split()[1] for line in out.splitlines() if line.startswith("secret:"))
-    assert new != old
-
-    rx = Receiver(tmp_path, secrets=(old, new))
-    conn = forwarder.open_db(db)
-    conn.execute("UPDATE subscriptions SET url = ? WHERE id = ?", (rx.url(), sub_id))
-    conn.close()
+    assert new != old and new.startswith("whsec_")
+    rx.args += ["--secret", old, "--secret", new]
     receivers.append(rx.start())
     head = fill_log(db, [flow("22"), flow("08")])
     forwarder.forward_once(db, options())
@@ -639,3 +645,42 @@ def test_forward_follow_stops_cleanly_on_sigterm(
             proc.kill()
     assert proc.returncode == 0, err
     assert f"delivered={head}" in out and "pending=0" in out
+
+
+def test_redelivered_older_event_never_overtakes_one_in_flight(
+    db: str, tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    secret = generate_secret()
+    rx = Receiver(tmp_path, "--delay-ms", "400", secrets=(secret,)).start()
+    receivers.append(rx)
+    subscribe(db, rx.url(), "--secret", secret)
+    first, second = json.loads(flow("22").read_text())["events"][:2]
+    append_raw(db, [first])
+    stop = threading.Event()
+    thread = threading.Thread(target=forwarder.follow, args=(db, stop, options()))
+    thread.start()
+    try:
+        _wait_for(lambda: len(rx.records()) == 1)
+        append_raw(db, [second])
+        _wait_for(
+            lambda: (
+                query(
+                    db,
+                    "SELECT count(*) n FROM deliveries WHERE claimed_until IS NOT NULL "
+                    "AND status = 'pending'",
+                )[0]["n"]
+                == 1
+            )
+        )
+        conn = forwarder.open_db(db)
+        plan = forwarder.redeliver(conn, event_ids=[log_events(db)[0]["event_id"]])
+        conn.close()
+        assert [p.action for p in plan] == ["requeue"]
+        _wait_for(lambda: len(rx.records()) == 3)
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    records = rx.records()
+    assert [r["envelope"]["callgateseq"] for r in records] == [1, 2, 1]
+    # The resend of seq 1 only started once seq 2 had been answered.
+    assert records[2]["received_at"] >= records[1]["answered_at"]
