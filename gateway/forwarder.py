@@ -766,40 +766,65 @@ class Forwarder:
         """Deliver until idle (`follow`: until `stop`; `drain`: also wait out pending retries).
 
         In-flight requests are always finished and recorded before returning,
-        so a SIGTERM never leaves a sent-but-unrecorded delivery behind.
+        so a SIGTERM never leaves a sent-but-unrecorded delivery behind. When
+        following, a database error (locked, disk full) is logged and retried:
+        what could not be recorded is resent once its lease runs out.
         """
         stop = stop or threading.Event()
         stats = ForwardStats()
         inflight: dict[Future[AttemptResult], Claim] = {}
-        workers = max(self.options.workers, 1)
         poll = max(self.options.poll_interval, 0.01)
-        repair_waiting(self.conn)
-        stats.enqueued += self.enqueue()
-        last_enqueue = time.monotonic()
+        last_enqueue = -float("inf")
+        started = False
         try:
             while not stop.is_set():
-                if follow and time.monotonic() - last_enqueue >= poll:
-                    stats.enqueued += self.enqueue()
-                    last_enqueue = time.monotonic()
-                for claim in self.claim(workers - len(inflight)):
-                    secrets = self.secrets_for(claim.subscription_id)
-                    inflight[self.pool.submit(self.send, claim, secrets)] = claim
-                if inflight:
-                    done, _ = wait(list(inflight), timeout=poll, return_when=FIRST_COMPLETED)
-                    if done:
-                        self.record([f.result() for f in done], stats)
-                        for f in done:
-                            del inflight[f]
-                    continue
-                due = self.seconds_until_due()
-                if not follow and (not drain or due is None):
-                    break
-                pause = poll if due is None else min(poll, due)
-                stop.wait(max(pause, 0.005))
+                try:
+                    if not started:
+                        repair_waiting(self.conn)
+                        started = True
+                    since = time.monotonic() - last_enqueue  # inf before the first pass
+                    if since == float("inf") or (follow and since >= poll):
+                        stats.enqueued += self.enqueue()
+                        last_enqueue = time.monotonic()
+                    if not self._step(inflight, stats, stop, follow, drain, poll):
+                        break
+                except sqlite3.OperationalError as exc:
+                    if not follow:
+                        raise
+                    log.warning("database error (%s); retrying in 1 s", exc)
+                    stop.wait(1.0)
         finally:
             if inflight:
                 self.record([f.result() for f in inflight], stats)
         return stats
+
+    def _step(
+        self,
+        inflight: dict[Future[AttemptResult], Claim],
+        stats: ForwardStats,
+        stop: threading.Event,
+        follow: bool,
+        drain: bool,
+        poll: float,
+    ) -> bool:
+        """Claim what is due, wait for some answers, record them; False when done for good."""
+        for claim in self.claim(max(self.options.workers, 1) - len(inflight)):
+            secrets = self.secrets_for(claim.subscription_id)
+            inflight[self.pool.submit(self.send, claim, secrets)] = claim
+        if inflight:
+            done, _ = wait(list(inflight), timeout=poll, return_when=FIRST_COMPLETED)
+            results = [f.result() for f in done]
+            for f in done:
+                del inflight[f]
+            if results:
+                self.record(results, stats)
+            return True
+        due = self.seconds_until_due()
+        if not follow and (not drain or due is None):
+            return False
+        pause = poll if due is None else min(poll, due)
+        stop.wait(max(pause, 0.02))
+        return True
 
 
 def forward_once(
