@@ -195,6 +195,7 @@ def up(
 
 def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-def]
     """Wait for the gateway, then send the labelled demo traffic into it."""
+    import os
     import time
 
     import httpx
@@ -210,7 +211,8 @@ def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-de
         except httpx.HTTPError:
             time.sleep(0.2)
     click.echo("callgate up: playing demo calls (app id label: demo) ...")
-    run_demo(base_url + "/webhooks/enablex")
+    token = os.environ.get("CALLGATE_WEBHOOK_TOKEN")
+    run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""))
     click.echo("callgate up: demo traffic sent")
 
 
