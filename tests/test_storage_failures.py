@@ -17,6 +17,7 @@ import errno
 import json
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,8 +102,11 @@ def test_lock_held_past_the_busy_timeout_gives_503_then_recovers(served: LoggedS
     holder.execute("BEGIN EXCLUSIVE")  # another process keeps the write lock
     try:
         failed = [event_body(n) for n in range(1, 5)]
+        started = time.perf_counter()
         answers = post_all(served.url, [*failed, BAD_BODY])
+        waited = time.perf_counter() - started
         assert_unavailable(answers)
+        print(f"\nlocked: {len(answers)} requests answered 503 after {waited:.1f}s")
         assert holder.execute("SELECT count(*) FROM events").fetchone()[0] == before[0]
     finally:
         holder.execute("ROLLBACK")
