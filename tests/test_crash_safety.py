@@ -264,6 +264,7 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
                               env=server_env(), timeout=120)
     assert verified.returncode == 0, verified.stderr
     assert f"ok: {n_events} events" in verified.stdout
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     if projector is not None:
         from analytics import projector as live
