@@ -39,7 +39,9 @@ class Store:
         cached = getattr(self._local, "conn", None)
         if cached is not None and getattr(self._local, "pid", None) == os.getpid():
             return cached
-        conn = eventlog.connect(self.config.db_path, self.config.synchronous)
+        conn = eventlog.connect(
+            self.config.db_path, self.config.synchronous, self.config.busy_timeout
+        )
         if not self._schema_ready:
             eventlog.ensure_schema(conn)
             self._schema_ready = True
@@ -71,7 +73,11 @@ def create_app(config: Config | None = None) -> Flask:
     # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
     app.config["MAX_CONTENT_LENGTH"] = None
     store = Store(config)
-    writer = BatchWriter(config.db_path, config.synchronous) if config.group_commit else None
+    writer = (
+        BatchWriter(config.db_path, config.synchronous, busy_timeout=config.busy_timeout)
+        if config.group_commit
+        else None
+    )
     app.extensions["callgate_store"] = store
     app.extensions["callgate_writer"] = writer
     eventlog.ensure_schema(store.conn())
@@ -113,6 +119,32 @@ def create_app(config: Config | None = None) -> Flask:
                     remote_addr=request.remote_addr,
                     writer=writer,
                 )
+        except sqlite3.Error as exc:
+            return storage_failure(exc, started)
+        return _answer(outcome, started)
+
+    @app.before_request
+    def refuse_other_methods() -> Response | None:
+        """Any non-POST on the webhook paths (even OPTIONS, TRACE, made-up verbs) is kept.
+
+        Runs before routing errors are raised, so Flask's own automatic OPTIONS
+        and 405 answers never bypass the rejections table (invariant 2).
+        """
+        if request.method == "POST" or not request.path.startswith("/webhooks/enablex"):
+            return None
+        started = time.perf_counter()
+        tokenless = request.path.rstrip("/") == "/webhooks/enablex"
+        path = "/webhooks/enablex" if tokenless else "/webhooks/enablex/<redacted>"
+        try:
+            outcome = reject(
+                store.conn(),
+                Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"),
+                Headers.of(request.headers.items()),
+                _read_body(config.max_body),
+                request.method,
+                path,
+                request.remote_addr,
+            )
         except sqlite3.Error as exc:
             return storage_failure(exc, started)
         return _answer(outcome, started)

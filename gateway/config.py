@@ -34,6 +34,8 @@ class Config:
     max_body: int = DEFAULT_MAX_BODY
     synchronous: str = "FULL"
     group_commit: bool = True
+    # EnableX waits about 5 s for an answer: fail fast with 503 (it redelivers) rather than late.
+    busy_timeout: float = 2.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -14,6 +14,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+WEBHOOK_PREFIX = "/webhooks/enablex/"
+
+
+def redact_path(path: str) -> str:
+    """`/webhooks/enablex/<token>...` → `/webhooks/enablex/<redacted>`: the token is a secret."""
+    if path.startswith(WEBHOOK_PREFIX) and len(path) > len(WEBHOOK_PREFIX):
+        return WEBHOOK_PREFIX + "<redacted>"
+    return path
+
+
+class RedactingLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger with the secret path segment removed from access-log atoms."""
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        atoms = dict(super().atoms(resp, req, environ, request_time))
+        path = environ.get("PATH_INFO", "")
+        safe = redact_path(path)
+        if safe != path:
+            for key in ("r", "U"):
+                if isinstance(atoms.get(key), str):
+                    atoms[key] = atoms[key].replace(path, safe)
+            atoms["q"] = ""
+        return atoms
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,7 @@ def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "callgate-gateway",
+        "logger_class": RedactingLogger,
         "child_exit": _child_exit,
     }
 

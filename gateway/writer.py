@@ -33,8 +33,15 @@ class _Job:
 class BatchWriter:
     """One writer thread per process; started lazily so it is created after fork."""
 
-    def __init__(self, db_path: str, synchronous: str = "FULL", max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        synchronous: str = "FULL",
+        max_batch: int = MAX_BATCH,
+        busy_timeout: float = 5.0,
+    ) -> None:
         self.db_path = db_path
+        self.busy_timeout = busy_timeout
         self.synchronous = synchronous
         self.max_batch = max_batch
         self.batches = 0
@@ -88,7 +95,7 @@ class BatchWriter:
                 jobs.append(job)
             try:
                 if conn is None:
-                    conn = eventlog.connect(self.db_path, self.synchronous)
+                    conn = eventlog.connect(self.db_path, self.synchronous, self.busy_timeout)
                 self._commit(conn, jobs)
             except sqlite3.Error as exc:
                 # Nothing in this batch was committed: every waiter gets the error (→ 503).

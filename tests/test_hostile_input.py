@@ -355,8 +355,6 @@ def test_mutated_requests_never_5xx_and_each_becomes_one_outcome(
         assert set(body) == {"error", "detail"}, body
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/app.py: Flask answers OPTIONS (200) and "
-                   "unrouted methods (405) itself, without a rejections row")
 @pytest.mark.parametrize("method", ["OPTIONS", "TRACE", "PROPFIND", "CONNECT", "FOO"])
 def test_unrouted_methods_are_refused_and_kept(client: FlaskClient, db_path: str,
                                                method: str) -> None:
