@@ -16,7 +16,8 @@ call's timeline (stored as a view over `events` + `timeline_marks`, see tables.p
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, date, datetime
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -63,6 +64,9 @@ TIMELINE_FIELDS: tuple[str, ...] = (
 MARK_FIELDS: tuple[str, ...] = ("seq", "voice_id", "broadcast_id", "class", "arrived_late")
 
 _CALL = "call"
+_EPOCH_DAY = date(1970, 1, 1)
+_EMPTY = "[]"
+_NONE_LATE: frozenset[int] = frozenset()
 _LEG_CLASSES = frozenset({"call", "bridge"})  # classes a bridge-leg state may be stored under
 _NOT_FINISHED = "initiated"  # any other play state means the play has run (finished_at)
 
@@ -101,9 +105,30 @@ def json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
+@lru_cache(maxsize=4096)
+def _day_ms(day: str) -> int:
+    return (date.fromisoformat(day) - _EPOCH_DAY).days * 86_400_000
+
+
 def epoch_ms(at: str) -> int:
-    """Milliseconds since the epoch of a stored UTC time; integers keep floor() exact."""
+    """Milliseconds since the epoch of a stored UTC time; integers keep floor() exact.
+
+    The log stores one fixed-width form (YYYY-MM-DDTHH:MM:SS.mmmZ), parsed here by
+    slicing; anything else goes through datetime.fromisoformat."""
+    if len(at) == 24 and at[23] == "Z" and at[10] == "T" and at[19] == ".":
+        try:
+            return (
+                _day_ms(at[:10])
+                + int(at[11:13]) * 3_600_000
+                + int(at[14:16]) * 60_000
+                + int(at[17:19]) * 1000
+                + int(at[20:23])
+            )
+        except ValueError:
+            pass
     moment = datetime.fromisoformat(at)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp()) * 1000 + moment.microsecond // 1000
 
 
@@ -119,13 +144,8 @@ def late_seqs(seqs: list[int]) -> frozenset[int]:
     In (time, seq) order an event is late iff some event after it in that order
     has a smaller seq, i.e. was logged earlier although it happened later.
     """
-    previous = -1
-    for seq in seqs:
-        if seq < previous:
-            break
-        previous = seq
-    else:
-        return frozenset()
+    if seqs == sorted(seqs):  # the common case, checked in C
+        return _NONE_LATE
     late = set()
     smallest_after = seqs[-1]
     for seq in reversed(seqs):
@@ -355,13 +375,16 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
     call = (
         voice_id, direction, from_number, to_number, final_state, first["occurred_at"],
         ring_from, answered_at, ended_at, events[-1]["occurred_at"], ring_seconds, duration_s,
-        hold_ms / 1000, reason, len(plays), json_text(digits), json_text(speech_texts),
-        json_text(speech_results), recording_url, recording_duration, bridge_state, transfer_to,
+        hold_ms / 1000, reason, len(plays), json_text(digits) if digits else _EMPTY,
+        json_text(speech_texts) if speech_texts else _EMPTY,
+        json_text(speech_results) if speech_results else _EMPTY, recording_url,
+        recording_duration, bridge_state, transfer_to,
         owner_ref, channel_id, room_id, broadcast_id, len(events), n_unknown, len(late),
         json_text(classes), min(seqs), max(seqs),
     )  # fmt: skip
     play_rows = [
-        (voice_id, pid, e[0], e[1], json_text(e[4]), e[5], e[6], e[2], e[3], e[7], e[8], e[9])
+        (voice_id, pid, e[0], e[1], json_text(e[4]) if e[4] else _EMPTY, e[5], e[6], e[2], e[3],
+         e[7], e[8], e[9])
         for pid, e in sorted(plays.items())
     ]
     recording_rows = _recording_rows(voice_id, recordings, recording_url, recording_duration)

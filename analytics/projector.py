@@ -40,7 +40,7 @@ _WRITE_CHUNK = 2000  # calls folded before their rows are flushed with executema
 Progress = Callable[[int, int], None]
 # While rebuilding: the log is read in call order (random access into the table), so a big
 # page cache and memory-mapped reads matter more than anything in Python.
-_BULK_PRAGMAS = {"cache_size": -262144, "mmap_size": 1 << 30, "temp_store": 2}
+_BULK_PRAGMAS = {"cache_size": -262144, "mmap_size": 2147418112, "temp_store": 2}
 
 _CALL_EVENTS = (
     "SELECT seq, received_at, payload FROM events WHERE voice_id = ? ORDER BY occurred_at, seq"
@@ -303,16 +303,22 @@ def follow(
 
 
 def _grouped(
-    cur: sqlite3.Cursor, sql: str, counter: list[int]
+    cur: sqlite3.Cursor, sql: str, progress: Callable[[int], None]
 ) -> Iterator[list[dict[str, Any]]]:
     """Stream `sql` (key, seq, payload ordered by key, time, seq) as one decoded event list
     per key, without holding the log in memory. (received_at is left out: only the
-    timeline needs it, and the timeline is a view over the log.)"""
+    timeline needs it, and the timeline is a view over the log.)
+
+    Walking the (voice_id, occurred_at, seq) index costs more per row than a sequential
+    scan, but measured over a million events it beats a seq-order scan that groups calls
+    in memory: one call's events at a time stay cache-hot, and rows are written in key
+    order."""
     loads = orjson.loads
     cur.execute(sql)
     current: Any = None
     group: list[dict[str, Any]] = []
     append = group.append
+    done = 0
     while rows := cur.fetchmany(_READ_CHUNK):
         for key, seq, payload in rows:
             if key != current:
@@ -324,7 +330,8 @@ def _grouped(
             event = loads(payload)
             event["seq"] = seq
             append(event)
-        counter[0] += len(rows)
+        done += len(rows)
+        progress(done)
     if group:
         yield group
 
@@ -332,10 +339,9 @@ def _grouped(
 def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
     """Drop and rebuild every projection from seq 1 in ONE transaction; returns log size.
 
-    Tables are created bare, filled in key order, then indexed (a sort per index
-    beats maintaining them row by row). `progress(done, total)` is called as
-    events are folded (broadcast events count twice: once per call, once per
-    broadcast).
+    Tables are created bare, filled in key order, then indexed (a sort per index beats
+    maintaining them row by row). `progress(done, total)` is called as call events are
+    folded (total = events in the log).
     """
     ensure_tables(conn)
     cur = _cursor(conn)
@@ -348,41 +354,37 @@ def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
         cur.execute(f"PRAGMA {name} = {value}")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        head, n_events, calls_total, broadcast_total = cur.execute(
-            "SELECT COALESCE(MAX(seq), 0), COUNT(*), "
-            "(SELECT COUNT(*) FROM events WHERE voice_id IS NOT NULL), "
-            "(SELECT COUNT(*) FROM events WHERE broadcast_id IS NOT NULL) FROM events"
+        head, n_events = cur.execute(
+            "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM events"
         ).fetchone()
-        total = calls_total + broadcast_total
+
+        def report(done: int) -> None:
+            if progress is not None:
+                progress(done, n_events)
+
         tables.drop_projections(conn)
         tables.create_tables(conn, indexes=False)
         pending = _Rows()
-        counter = [0]
         fold_call = folds.fold_call
         add_call = pending.add_call
         calls = _grouped(
             cur,
             "SELECT voice_id, seq, payload FROM events "
             "WHERE voice_id IS NOT NULL ORDER BY voice_id, occurred_at, seq",
-            counter,
+            report,
         )
         for groups, group in enumerate(calls, 1):
             add_call(fold_call(group))
             if groups % _WRITE_CHUNK == 0:
                 pending.flush(conn)
-                if progress is not None:
-                    progress(counter[0], total)
         pending.flush(conn)
         broadcast_rows = _cursor(conn).execute(_ALL_BROADCAST_EVENTS)
         for _, rows in itertools.groupby(broadcast_rows, key=operator.itemgetter(0)):
-            group = [_broadcast_event(r) for r in rows]
-            counter[0] += len(group)
-            pending.add_broadcast(folds.fold_broadcast(group))
+            pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r) for r in rows]))
         pending.flush(conn)
-        if progress is not None:
-            progress(counter[0], total)
         tables.create_indexes(conn)
         _set_checkpoint(conn, head)
+        report(n_events)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -90,9 +90,9 @@ CALLS = Table(
         ("bridge_state", "TEXT", "Last bridge-level state (bridging, bridged, "
          "bridge_disconnected, or a leg's failed/initiated after connected)."),
         ("transfer_to", "TEXT", "Last transfer target number seen."),
-        ("owner_ref", "TEXT", "First owner_ref sent with the call."),
-        ("channel_id", "TEXT", "First channel_id sent with the call."),
-        ("room_id", "TEXT", "Last room the call joined."),
+        ("owner_ref", "TEXT", "First owner_ref on a call-level event."),
+        ("channel_id", "TEXT", "First channel_id on a call-level event."),
+        ("room_id", "TEXT", "Last room_id on any event of the call (the room it joined)."),
         ("broadcast_id", "TEXT", "Broadcast this call is a leg of, if any."),
         ("event_count", "INTEGER", "Number of logged (deduplicated) events of the call."),
         ("unknown_events", "INTEGER", "Events of a kind or state callgate does not know."),
