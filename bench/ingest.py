@@ -219,6 +219,24 @@ def load_average() -> str:
     return f"loadavg={one:.2f}/{five:.2f}/{fifteen:.2f}"
 
 
+def fsync_probe(directory: Path, count: int = 200) -> str:
+    """p50/p99 of one 4 KiB write + fsync where B's DB lives: the floor under every commit."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    took = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            took.append((time.perf_counter() - started) * 1e3)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    took.sort()
+    return f"fsync p50 {took[count // 2]:.2f} ms p99 {took[int(count * 0.99) - 1]:.2f} ms"
+
+
 def fmt_leg(result: LoadResult, unique: bool = True) -> str:
     """One leg on one line; `unique` legs must not have reused a body (A's may)."""
     return (
@@ -299,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.connections} keep-alive connections, {args.rounds} rounds x {args.duration:g} s"
         f" per leg; B db {db} (synchronous default)"
     )
+    print(f"disk under B's db: {fsync_probe(workdir)}")
 
     size = ["--workers", str(opts.workers), "--threads", str(opts.threads)]
     server_a = start_server(

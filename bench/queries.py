@@ -9,7 +9,8 @@ EXPLAIN QUERY PLAN lines that scan a whole table or sort through a temporary B-t
 flags every query over the budget (200 ms). Figures only: nothing is asserted.
 
     .venv/bin/python bench/queries.py [--db bench/out/queries.db] [--events 1000000]
-                                      [--no-rebuild] [--param name=value ...]
+                                      [--no-rebuild] [--time-limit 5]
+                                      [--param name=value ...]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sqlite3
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,17 @@ def rebuild(db: Path) -> str:
     finally:
         conn.close()
     return f"rebuilt projections from {n:,} events in {took:.1f} s ({n / took:,.0f} events/s)"
+
+
+def prepare(db: Path) -> str:
+    """Every table Datasette would see (forwarding ones too), as `callgate datasette` makes."""
+    try:
+        from analytics.datasette_app import prepare_database
+
+        prepare_database(db)
+    except Exception as exc:  # noqa: BLE001 - report and time whatever tables exist
+        return f"prepare_database FAILED ({type(exc).__name__}: {exc})"
+    return "tables ensured with analytics.datasette_app.prepare_database"
 
 
 # --------------------------------------------------------------------------- the queries
@@ -199,7 +211,7 @@ class ParamValues:
             return "24"
         if "days" in low:
             return "7"
-        if any(w in low for w in ("seconds", "secs", "min_", "threshold")):
+        if any(w in low for w in ("seconds", "secs", "minute", "mins", "min_", "threshold")):
             return "30"
         if any(w in low for w in ("start", "since", "after", "begin", "from", "first")):
             return self.first_day
@@ -235,13 +247,37 @@ def plan_lines(conn: sqlite3.Connection, sql: str, params: dict[str, str]) -> li
     return shown
 
 
-def time_query(conn: sqlite3.Connection, sql: str, params: dict[str, str]) -> tuple[float, int]:
-    """Median ms over RUNS complete executions (all rows fetched) and the row count."""
+def _past(deadline: float) -> Callable[[], int]:
+    """A progress handler that asks SQLite to abort once `deadline` has passed."""
+    return lambda: int(time.perf_counter() > deadline)
+
+
+class QueryTimeout(Exception):
+    """A run exceeded the time limit (Datasette would cancel it the same way)."""
+
+
+def time_query(
+    conn: sqlite3.Connection, sql: str, params: dict[str, str], limit_s: float
+) -> tuple[float, int]:
+    """Median ms over RUNS complete executions (all rows fetched) and the row count.
+
+    A progress handler aborts a run after `limit_s`, as Datasette's sql_time_limit_ms
+    does, so one pathological query cannot stall the whole benchmark.
+    """
     timings = []
     rows = 0
     for _ in range(RUNS):
         started = time.perf_counter()
-        rows = len(conn.execute(sql, params).fetchall())
+        deadline = started + limit_s
+        conn.set_progress_handler(_past(deadline), 10_000)
+        try:
+            rows = len(conn.execute(sql, params).fetchall())
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc):
+                raise QueryTimeout(f"over {limit_s:g} s, cancelled") from None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
         timings.append((time.perf_counter() - started) * 1e3)
     return statistics.median(timings), rows
 
@@ -254,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", default=str(ROOT / "metadata.yml"))
     p.add_argument("--no-rebuild", action="store_true",
                    help="time the projections as they are (skip the full rebuild)")
+    p.add_argument("--time-limit", type=float, default=5.0, metavar="SECONDS",
+                   help="cancel a run after this long (Datasette's sql_time_limit_ms: 5 s)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="override a parameter value (repeatable)")
     args = p.parse_args(argv)
@@ -262,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     db.parent.mkdir(parents=True, exist_ok=True)
 
     print(ensure_log(db, args.events))
+    print(prepare(db))
     print("projections kept as they are" if args.no_rebuild else rebuild(db))
 
     metadata = Path(args.metadata)
@@ -286,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             names = sorted(set(PARAM_RE.findall(sql)))
             params = {name: values.value(name) for name in names}
             try:
-                ms, rows = time_query(conn, sql, params)
+                ms, rows = time_query(conn, sql, params, args.time_limit)
+            except QueryTimeout as exc:
+                slow.append(f"{label} >{args.time_limit:g} s")
+                print(f"\n{label} ({query.source}): TIMED OUT ({exc})  ** OVER 200 ms **")
+                for line in plan_lines(conn, sql, params):
+                    print(f"    {line}")
+                continue
             except sqlite3.Error as exc:
                 failed.append(label)
                 print(f"\n{label} ({query.source}): ERROR {exc}")
