@@ -237,11 +237,18 @@ def fsync_probe(directory: Path, count: int = 200) -> str:
     return f"fsync p50 {took[count // 2]:.2f} ms p99 {took[int(count * 0.99) - 1]:.2f} ms"
 
 
+def _statuses(result: LoadResult) -> str:
+    """Which statuses the non-2xx answers had, e.g. " (503 x3)"."""
+    if not result.statuses:
+        return ""
+    return " (" + ", ".join(f"{k} x{v}" for k, v in sorted(result.statuses.items())) + ")"
+
+
 def fmt_leg(result: LoadResult, unique: bool = True) -> str:
     """One leg on one line; `unique` legs must not have reused a body (A's may)."""
     return (
         f"{result.rps:9.0f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
-        f"non-2xx {result.non2xx}  errors {result.errors}"
+        f"non-2xx {result.non2xx}{_statuses(result)}  errors {result.errors}"
         + (f"  WRAPPED {result.wrapped} (bodies reused!)" if unique and result.wrapped else "")
     )
 
@@ -407,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"B at {args.latency_at:.0%} of its max ({rate:.0f} req/s offered, open loop, "
                 f"latency from scheduled send): {fixed.rps:.0f} req/s  p50 {fixed.p50_ms:.2f} ms"
                 f"  p99 {fixed.p99_ms:.2f} ms  p99.9 {fixed.extra['p99_9_ms']:.2f} ms  "
-                f"max {fixed.max_ms:.2f} ms  non-2xx {fixed.non2xx}  errors {fixed.errors}  "
+                f"max {fixed.max_ms:.2f} ms  non-2xx {fixed.non2xx}{_statuses(fixed)}  "
+                f"errors {fixed.errors}  "
                 f"late starts {fixed.extra['late_starts']}"
             )
     finally:

@@ -55,6 +55,7 @@ class LoadResult:
     wrapped: int = 0
     offered_rps: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)  # non-2xx answers by status
 
     @property
     def rps(self) -> float:
@@ -106,6 +107,7 @@ def run_wrk(
         max_ms=data["max_us"] / 1e3,
         wrapped=data["wrapped"],
         extra={k: data[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")},
+        statuses={int(k): v for k, v in data["non2xx_by_status"].items()},
     )
 
 
@@ -146,6 +148,7 @@ def _client_process(plan: _Plan, out: Any) -> None:
     next_slot = [0]
     latencies = array("d")
     counts = {"requests": 0, "ok": 0, "non2xx": 0, "errors": 0, "wrapped": 0, "late": 0}
+    statuses: dict[int, int] = {}
     end_at = plan.start_at + plan.duration
     shares = [
         _read_share(plan.bodies, plan.first_conn + i, plan.total_connections)
@@ -164,6 +167,7 @@ def _client_process(plan: _Plan, out: Any) -> None:
     def worker(bodies: list[bytes]) -> None:
         local = array("d")
         tally = dict.fromkeys(counts, 0)
+        bad: dict[int, int] = {}
         conn = http.client.HTTPConnection(host, port, timeout=30)
         index = 0
         while True:
@@ -202,19 +206,25 @@ def _client_process(plan: _Plan, out: Any) -> None:
                 continue
             local.append((time.monotonic() - started) * 1e3)
             tally["requests"] += 1
-            tally["ok" if 200 <= status < 300 else "non2xx"] += 1
+            if 200 <= status < 300:
+                tally["ok"] += 1
+            else:
+                tally["non2xx"] += 1
+                bad[status] = bad.get(status, 0) + 1
         conn.close()
         with lock:
             latencies.extend(local)
             for key, value in tally.items():
                 counts[key] += value
+            for code, value in bad.items():
+                statuses[code] = statuses.get(code, 0) + value
 
     threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    out.send((counts, latencies.tobytes()))
+    out.send((counts, statuses, latencies.tobytes()))
     out.close()
 
 
@@ -252,10 +262,13 @@ def run_python(
         send.close()
         children.append((child, recv))
     totals: dict[str, int] = {}
+    by_status: dict[int, int] = {}
     merged = array("d")
     for child, recv in children:
-        counts, raw = recv.recv()
+        counts, statuses, raw = recv.recv()
         child.join()
+        for code, value in statuses.items():
+            by_status[code] = by_status.get(code, 0) + value
         for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
         part = array("d")
@@ -278,4 +291,5 @@ def run_python(
         wrapped=totals["wrapped"],
         offered_rps=rate,
         extra={"late_starts": totals["late"], "p99_9_ms": _percentile(values, 99.9)},
+        statuses=by_status,
     )

@@ -39,6 +39,7 @@ function init(args)
    ok = 0
    bad = 0
    wrapped = 0
+   statuses = {}
 end
 
 function request()
@@ -55,22 +56,32 @@ function response(status, headers, body)
       ok = ok + 1
    else
       bad = bad + 1
+      statuses[status] = (statuses[status] or 0) + 1
    end
 end
 
 function done(summary, latency, requests)
    local ok_total, bad_total, wrapped_total = 0, 0, 0
+   local by_status = {}
    for _, thread in ipairs(threads) do
       ok_total = ok_total + thread:get("ok")
       bad_total = bad_total + thread:get("bad")
       wrapped_total = wrapped_total + thread:get("wrapped")
+      for status, n in pairs(thread:get("statuses")) do
+         by_status[status] = (by_status[status] or 0) + n
+      end
+   end
+   local parts = {}
+   for status, n in pairs(by_status) do
+      table.insert(parts, string.format('"%d":%d', status, n))
    end
    local e = summary.errors
    io.write(string.format(
       'BENCH_JSON {"requests":%d,"duration_us":%d,"ok":%d,"non2xx":%d,"wrapped":%d,' ..
       '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,' ..
-      '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\n',
+      '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"non2xx_by_status":{%s}}\n',
       summary.requests, summary.duration, ok_total, bad_total, wrapped_total,
       e.connect, e.read, e.write, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+      table.concat(parts, ",")))
 end
