@@ -7,9 +7,10 @@ them), and replaces those rows and advances the checkpoint in one transaction:
 a crash at any point leaves either the old rows and old checkpoint or the new
 ones, so re-running is always safe (exactly-once effect).
 
-`rebuild` drops and re-creates every projection from seq 1 inside a single
-transaction, so readers (WAL snapshots, e.g. Datasette) see the old tables
-until the new ones are complete.
+`rebuild` re-derives every projection from seq 1: it folds one snapshot of the
+log into staging tables (short write transactions, so ingest never waits long
+behind it) and swaps them in with ONE transaction, so readers (WAL snapshots,
+e.g. Datasette) see the old tables until the new ones are complete.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class _Rows:
         if rows.marks:
             self.marks.extend(rows.marks)
 
-    def flush(self, conn: sqlite3.Connection) -> None:
+    def flush(self, conn: sqlite3.Connection, staging: bool = False) -> None:
         for table, rows in (
             (tables.CALLS, self.calls),
             (tables.PLAYS, self.plays),
@@ -186,7 +187,8 @@ class _Rows:
             (tables.TIMELINE_MARKS, self.marks),
         ):
             if rows:
-                conn.executemany(table.insert_sql, rows)
+                sql = table.insert_sql_into(table.staging_name) if staging else table.insert_sql
+                conn.executemany(sql, rows)
                 rows.clear()
 
 
@@ -336,23 +338,64 @@ def _grouped(
         yield group
 
 
-def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
-    """Drop and rebuild every projection from seq 1 in ONE transaction; returns log size.
+def _db_file(conn: sqlite3.Connection) -> str:
+    """The main database's file ('' for an in-memory or temporary database)."""
+    for _, name, path in _cursor(conn).execute("PRAGMA database_list"):
+        if name == "main":
+            return str(path or "")
+    return ""
 
-    Tables are created bare, filled in key order, then indexed (a sort per index beats
-    maintaining them row by row). `progress(done, total)` is called as call events are
-    folded (total = events in the log).
+
+class _Writes:
+    """Staged writes: each chunk in its own short write transaction, so the gateway's
+    appends interleave with a long rebuild instead of timing out behind it. With no
+    separate reader (in-memory DB) everything stays in the one open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, chunked: bool) -> None:
+        self.conn = conn
+        self.chunked = chunked
+
+    def run(self, work: Callable[[], None]) -> None:
+        if not self.chunked:
+            work()
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+
+def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
+    """Rebuild every projection from seq 1; readers never see a half-built table.
+
+    The log is read in one snapshot (a second connection's read transaction) and
+    folded into staging tables; one short final transaction drops the old tables,
+    renames the staging ones into place, indexes them and sets the checkpoint to the
+    snapshot's head. Events appended meanwhile are left to the incremental projector.
+    Returns the number of events folded. `progress(done, total)` follows the fold.
     """
     ensure_tables(conn)
-    cur = _cursor(conn)
+    path = _db_file(conn)
+    reader = eventlog.connect(path, synchronous="NORMAL") if path else conn
+    staged = reader is not conn
+    cur = _cursor(reader)
     # The fold makes no reference cycles; the cyclic GC would only rescan millions of
     # short-lived event dicts over and over.
     gc_was_enabled = gc.isenabled()
     gc.disable()
-    saved = {name: cur.execute(f"PRAGMA {name}").fetchone()[0] for name in _BULK_PRAGMAS}
+    saved: dict[tuple[int, str], tuple[sqlite3.Connection, Any]] = {}
     for name, value in _BULK_PRAGMAS.items():
-        cur.execute(f"PRAGMA {name} = {value}")
-    conn.execute("BEGIN IMMEDIATE")
+        for target in {id(c): c for c in (reader, conn)}.values():
+            current = target.execute(f"PRAGMA {name}").fetchone()
+            if current is not None:  # (an in-memory database has no mmap_size)
+                saved[(id(target), name)] = (target, current[0])
+                target.execute(f"PRAGMA {name} = {value}")
+    writes = _Writes(conn, chunked=staged)
+    # The snapshot everything below is folded from (in-memory: the one transaction).
+    reader.execute("BEGIN" if staged else "BEGIN IMMEDIATE")
     try:
         head, n_events = cur.execute(
             "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM events"
@@ -362,11 +405,14 @@ def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
             if progress is not None:
                 progress(done, n_events)
 
-        tables.drop_projections(conn)
-        tables.create_tables(conn, indexes=False)
+        writes.run(lambda: tables.create_staging(conn))
         pending = _Rows()
         fold_call = folds.fold_call
         add_call = pending.add_call
+
+        def flush() -> None:
+            pending.flush(conn, staging=True)
+
         calls = _grouped(
             cur,
             "SELECT voice_id, seq, payload FROM events "
@@ -376,26 +422,55 @@ def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
         for groups, group in enumerate(calls, 1):
             add_call(fold_call(group))
             if groups % _WRITE_CHUNK == 0:
-                pending.flush(conn)
-        pending.flush(conn)
-        broadcast_rows = _cursor(conn).execute(_ALL_BROADCAST_EVENTS)
+                writes.run(flush)
+        broadcast_rows = _cursor(reader).execute(_ALL_BROADCAST_EVENTS)
         for _, rows in itertools.groupby(broadcast_rows, key=operator.itemgetter(0)):
             pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r) for r in rows]))
-        pending.flush(conn)
-        tables.create_indexes(conn)
-        _set_checkpoint(conn, head)
+        writes.run(flush)
         report(n_events)
-        conn.execute("COMMIT")
+
+        def swap() -> None:
+            tables.swap_in_staging(conn)
+            _set_checkpoint(conn, head)
+
+        if staged:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                swap()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        else:
+            swap()
+            conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        if reader.in_transaction:
+            reader.execute("ROLLBACK")
+        if staged:
+            _drop_staging_quietly(conn)
         raise
     finally:
-        for name, value in saved.items():
-            cur.execute(f"PRAGMA {name} = {value}")
+        if reader.in_transaction:
+            reader.execute("COMMIT")
+        for (_, name), (target, value) in saved.items():
+            target.execute(f"PRAGMA {name} = {value}")
+        if staged:
+            reader.close()
         if gc_was_enabled:
             gc.enable()
     return int(n_events)
+
+
+def _drop_staging_quietly(conn: sqlite3.Connection) -> None:
+    """Best effort after a failed rebuild (the next rebuild drops them anyway)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        tables.drop_staging(conn)
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
 
 def lag(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -15,6 +15,8 @@ from functools import cached_property
 
 from analytics import folds
 
+STAGING_SUFFIX = "__rebuild"
+
 
 @dataclass(frozen=True, eq=False)
 class Table:
@@ -49,9 +51,17 @@ class Table:
 
     @cached_property
     def insert_sql(self) -> str:
+        return self.insert_sql_into(self.name)
+
+    def insert_sql_into(self, name: str) -> str:
         cols = ", ".join(f'"{c}"' for c in self.column_names)
         marks = ", ".join("?" for _ in self.columns)
-        return f'INSERT INTO "{self.name}" ({cols}) VALUES ({marks})'
+        return f'INSERT INTO "{name}" ({cols}) VALUES ({marks})'
+
+    @property
+    def staging_name(self) -> str:
+        """Where a rebuild fills this table before swapping it in."""
+        return self.name + STAGING_SUFFIX
 
 
 CALLS = Table(
@@ -346,6 +356,28 @@ def create_indexes(conn: sqlite3.Connection) -> None:
     for table in ALL_TABLES:
         for sql in table.index_sql():
             conn.execute(sql)
+
+
+def create_staging(conn: sqlite3.Connection) -> None:
+    """Fresh, index-free staging copies of the projections for a rebuild to fill."""
+    drop_staging(conn)
+    for table in PROJECTIONS:
+        conn.execute(table.create_sql(table.staging_name))
+
+
+def drop_staging(conn: sqlite3.Connection) -> None:
+    """Remove what an interrupted rebuild left behind."""
+    for table in PROJECTIONS:
+        conn.execute(f'DROP TABLE IF EXISTS "{table.staging_name}"')
+
+
+def swap_in_staging(conn: sqlite3.Connection) -> None:
+    """Replace the projections with their staging copies, then index them and restore the
+    timeline view. Call inside the transaction that makes the new tables visible."""
+    drop_projections(conn)
+    for table in PROJECTIONS:
+        conn.execute(f'ALTER TABLE "{table.staging_name}" RENAME TO "{table.name}"')
+    create_tables(conn)
 
 
 def drop_projections(conn: sqlite3.Connection) -> None:

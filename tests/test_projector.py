@@ -4,6 +4,7 @@ incremental ≡ rebuild, and two projectors racing."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -169,17 +170,74 @@ def test_rebuild_is_invisible_to_readers_until_it_commits(tmp_path: Path) -> Non
     assert projector.checkpoint(reader) == conn.execute("SELECT max(seq) FROM events").fetchone()[0]
 
 
+def test_gateway_appends_go_through_while_a_rebuild_runs(tmp_path: Path) -> None:
+    """The rebuild folds a snapshot into staging tables in short write transactions, so the
+    gateway's appends (2 s busy timeout in production, 0.5 s here) never wait behind it;
+    events appended meanwhile are picked up by the next incremental run."""
+    path = str(tmp_path / "log.db")
+    conn = open_log(path)
+    raw = synthetic_log(copies=30, seed=8)
+    append_all(conn, raw[:-20])
+    snapshot_head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
+    gateway = eventlog.connect(path, timeout=0.5)
+    late = iter(raw[-20:])
+    appended: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        for raw_event in itertools.islice(late, 10):
+            appended.append(append_all(gateway, [raw_event])[-1].seq)
+
+    assert projector.rebuild(conn, progress=progress) == snapshot_head
+    assert appended and max(appended) > snapshot_head
+    assert projector.checkpoint(conn) == snapshot_head
+    leftovers = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name LIKE '%__rebuild%'"
+    ).fetchone()[0]
+    assert leftovers == 0
+    projector.project_all(conn)
+    caught_up = snapshot(conn)
+    projector.rebuild(conn)
+    assert snapshot(conn) == caught_up
+
+
+def test_in_memory_database_rebuilds_in_one_transaction() -> None:
+    conn = eventlog.connect(":memory:")
+    projector.ensure_tables(conn)
+    append_all(conn, synthetic_log(copies=20, seed=6))
+    projector.project_all(conn, batch=13)
+    incremental = snapshot(conn)
+    assert projector.rebuild(conn) == conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    assert snapshot(conn) == incremental and not conn.in_transaction
+
+
+def test_a_failed_rebuild_leaves_the_old_tables(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
+    conn = open_log(path)
+    append_all(conn, synthetic_log(copies=10, seed=7))
+    projector.project_all(conn)
+    before = snapshot(conn)
+
+    def explode(done: int, total: int) -> None:
+        raise RuntimeError("operator pressed Ctrl-C")
+
+    with pytest.raises(RuntimeError):
+        projector.rebuild(conn, progress=explode)
+    assert snapshot(conn) == before and not conn.in_transaction
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert not [n for n in names if n.endswith(tables.STAGING_SUFFIX)]
+
+
 def test_sigkilled_projector_resumes_to_the_rebuild_result(tmp_path: Path) -> None:
     """`callgate project` killed with SIGKILL mid-way (several times), then run to the end,
     leaves exactly the tables a full rebuild gives."""
     path = str(tmp_path / "big.db")
     conn = open_log(path)
-    append_all(conn, synthetic_log(copies=300, seed=11))
+    append_all(conn, synthetic_log(copies=250, seed=11))
     head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
     killed_at: list[int] = []
     for target in (0.2, 0.6):
         proc = subprocess.Popen(
-            [CALLGATE, "project", "--db", path, "--batch", "4"],
+            [CALLGATE, "project", "--db", path, "--batch", "10"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -192,6 +250,7 @@ def test_sigkilled_projector_resumes_to_the_rebuild_result(tmp_path: Path) -> No
         proc.wait(timeout=10)
         killed_at.append(projector.checkpoint(conn))
     assert any(0 < k < head for k in killed_at), f"never killed mid-way: {killed_at} of {head}"
+    print(f"killed at checkpoints {killed_at} of {head}")
     finished = callgate("project", "--db", path)
     assert finished.returncode == 0, finished.stderr
     assert projector.checkpoint(conn) == head
