@@ -1,8 +1,9 @@
 """Running the gateway under gunicorn, configured from code rather than a file.
 
 The settings are the gateway's defence against slow or abusive senders: a
-bounded number of worker threads, short keep-alive, header limits and a
-worker timeout, so one slow client cannot stall EnableX's deliveries.
+bounded number of worker threads, short keep-alive, header limits, a worker
+timeout, and (gateway/worker.py) first-byte and whole-request read deadlines,
+so slow or silent clients cannot stall EnableX's deliveries.
 """
 
 from __future__ import annotations
@@ -47,9 +48,20 @@ class ServeOptions:
     port: int = 8000
     workers: int = 2
     threads: int = 8
-    worker_class: str = "gthread"
+    # gthread plus deadlines for slow senders (gateway/worker.py); stock gthread lets
+    # tricklers pin every thread and idle connections wedge the worker (gunicorn#2917).
+    worker_class: str = "gateway.worker.CallgateThreadWorker"
     timeout: int = 30
     keepalive: int = 5
+    # A new connection must send its first byte within this (EnableX sends at once).
+    # Equal to keepalive so both kinds expire in order from the one FIFO sweep.
+    first_byte_timeout: float = 5.0
+    # A whole request (headers and body) must arrive within this of its first byte.
+    # Well under EnableX's ~5 s patience: a queue of tricklers costs others at most this.
+    read_timeout: float = 3.0
+    # Connections per worker. Idle sockets are cheap (a poller entry each), and the
+    # deadlines above reap abusers; a low cap only lets idle senders lock genuine ones out.
+    worker_connections: int = 1000
     max_requests: int = 0
     access_log: bool = False
 
@@ -65,8 +77,8 @@ def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
         "timeout": options.timeout,
         "graceful_timeout": 10,
         "keepalive": options.keepalive,
-        # Concurrency cap per worker for gthread: further connections wait in the backlog.
-        "worker_connections": 100,
+        # Open-connection cap per worker: further connections wait in the backlog.
+        "worker_connections": options.worker_connections,
         "backlog": 512,
         "limit_request_line": 8190,
         "limit_request_fields": 64,
@@ -78,7 +90,22 @@ def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
         "proc_name": "callgate-gateway",
         "logger_class": RedactingLogger,
         "child_exit": _child_exit,
+        "post_worker_init": _deadline_setter(options),
     }
+
+
+def _deadline_setter(options: ServeOptions) -> Any:
+    """A `post_worker_init` hook handing ServeOptions' deadlines to our worker class.
+
+    gunicorn has no settings of its own for them, and the hook keeps `worker_class`
+    a plain import string. Other worker classes ignore the attributes.
+    """
+
+    def post_worker_init(worker: Any) -> None:
+        worker.first_byte_timeout = options.first_byte_timeout
+        worker.read_timeout = options.read_timeout
+
+    return post_worker_init
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -121,10 +121,6 @@ SLOW_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/server.py: gunicorn's gthread worker reads requests on blocking sockets with no "
-    "timeout and never expires a connection that has not sent its first request, so slow "
-    "senders pin all threads / connection slots"))
 @pytest.mark.parametrize("case", list(SLOW_CASES))
 def test_many_slow_connections_do_not_stall_ordinary_webhooks(served: LoggedServer,
                                                               case: str) -> None:
