@@ -44,7 +44,7 @@ def project(db: str, follow: bool, interval: float, batch: int) -> None:
 @click.command("rebuild")
 @db_option
 def rebuild(db: str) -> None:
-    """Drop and rebuild every projection from the whole log, in one transaction."""
+    """Rebuild every projection from the whole log; swapped in atomically (one transaction)."""
     from analytics import projector
     from gateway import eventlog
 
