@@ -18,13 +18,11 @@ from __future__ import annotations
 import gc
 import itertools
 import operator
-import signal
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -32,6 +30,7 @@ import orjson
 from analytics import folds, tables
 from gateway import eventlog
 from gateway.schemas import format_utc
+from gateway.signals import stop_on_signals
 
 CHECKPOINT = "projector"
 DEFAULT_BATCH = 2000
@@ -274,14 +273,7 @@ def follow(
     thread, or when `stop_event` is set (how `callgate up` runs it in a thread).
     """
     stop = stop_event if stop_event is not None else threading.Event()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-
-        def _stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, _stop)
+    restore = stop_on_signals(stop)
     conn = eventlog.connect(db_path, synchronous="NORMAL")
     total = 0
     try:
@@ -299,8 +291,7 @@ def follow(
                 stop.wait(interval)
     finally:
         conn.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore()
     return total
 
 

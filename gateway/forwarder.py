@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sqlite3
 import threading
 import time
@@ -36,6 +35,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from gateway import eventlog
+from gateway.signals import stop_on_signals
 from gateway.subscriptions import (
     SecretStore,
     Subscription,
@@ -845,12 +845,7 @@ def follow(
 
 def install_signal_handlers(stop_event: threading.Event) -> None:
     """SIGTERM/SIGINT set `stop_event` (main thread only): in-flight tries finish first."""
-
-    def _stop(signum: int, frame: object) -> None:
-        stop_event.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(stop_event)
 
 
 # --- redelivery ---------------------------------------------------------------------

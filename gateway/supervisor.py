@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.signals import stop_on_signals
+
 GRACE_SECONDS = 10.0
 
 
@@ -51,10 +53,7 @@ class Supervisor:
 
     def wait(self) -> int:
         """Block until a signal or a part exits; return the exit code for `up`."""
-        previous = {
-            sig: signal.signal(sig, lambda *_: self.stopping.set())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        restore = stop_on_signals(self.stopping)
         try:
             while not self.stopping.is_set():
                 for part in self.parts:
@@ -70,8 +69,7 @@ class Supervisor:
             self.stop()
             return 0
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            restore()
 
     def stop(self) -> None:
         for part in self.parts:
