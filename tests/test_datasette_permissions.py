@@ -197,6 +197,11 @@ def test_callgate_datasette_command_serves_mutable_db(tmp_path: Path) -> None:
         databases = httpx.get(url + "/-/databases.json").json()
         assert [(d["name"], d["is_mutable"]) for d in databases] == [("callgate", True)]
         assert httpx.get(url + "/callgate/calls.json?_shape=array").json() == []
+        # Every canned query also works on an empty database.
+        auth = {"authorization": f"Bearer {OPERATOR_TOKEN}"}
+        for name in metadata()["databases"]["callgate"]["queries"]:
+            response = httpx.get(f"{url}/callgate/{name}.json?_shape=array", headers=auth)
+            assert response.status_code == 200, (name, response.text[:300])
         # Write through the real path while Datasette runs: it must see the WAL.
         conn = eventlog.connect(db)
         config = Config(db_path=db, app_ids=(APP_ID,))
