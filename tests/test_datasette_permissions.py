@@ -31,7 +31,10 @@ OPERATOR_ONLY_TABLES = (
     "delivery_attempts",
     "subscription_health",
 )
-PUBLIC_TABLES = ("calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline")
+PUBLIC_TABLES = (
+    "calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline", "timeline_marks",
+    "checkpoints",
+)
 OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures")
 
 
@@ -47,6 +50,29 @@ def ds(built: Built) -> Iterator[Datasette]:
 
 def metadata() -> dict:  # type: ignore[type-arg]
     return yaml.safe_load(METADATA_PATH.read_text())
+
+
+def test_every_table_has_a_decided_audience(built: Built) -> None:
+    """Datasette shows everything not denied: a new table must be classified here first."""
+    import sqlite3
+
+    conn = sqlite3.connect(built.db)
+    try:
+        names = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                "AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+    finally:
+        conn.close()
+    assert names == set(OPERATOR_ONLY_TABLES) | set(PUBLIC_TABLES)
+    tables = metadata()["databases"]["callgate"]["tables"]
+    for table in OPERATOR_ONLY_TABLES:
+        assert tables[table]["allow"] == {"id": "operator"}, table
+    for table in PUBLIC_TABLES:
+        assert "allow" not in tables[table], table
 
 
 @pytest.mark.parametrize("table", OPERATOR_ONLY_TABLES)
