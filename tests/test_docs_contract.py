@@ -15,7 +15,7 @@ import yaml
 from analytics.datasette_app import METADATA_PATH, REPO_ROOT
 from tests.test_datasette_helpers import corpus_build
 
-DOCS = REPO_ROOT / "docs" / "DATASETTE.md"
+DOCS = REPO_ROOT / "README.md"
 
 
 def load() -> dict[str, Any]:
@@ -115,7 +115,7 @@ def test_canned_queries_documented_and_listed() -> None:
     for name, query in queries.items():
         assert str(query.get("title") or "").strip(), name
         assert len(str(query.get("description") or "")) > 40, name
-        assert f"`{name}`" in docs, f"docs/DATASETTE.md does not list {name}"
+        assert f"`{name}`" in docs, f"README.md does not list {name}"
         for parameter in set(re.findall(r"(?<!:):([a-z_]+)", query["sql"])):
             assert parameter in query["description"], f"{name}: explain :{parameter}"
 
