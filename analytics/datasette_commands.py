@@ -15,19 +15,11 @@ from analytics.datasette_app import (
     operator_token_problem,
     prepare_database,
 )
-from gateway.config import DEFAULT_DB
+from gateway.cli import db_option
 
 
 @click.command("datasette")
-@click.option(
-    "--db",
-    "db",
-    envvar="CALLGATE_DB",
-    default=DEFAULT_DB,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="SQLite database file (overrides $CALLGATE_DB).",
-)
+@db_option
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Interface to bind.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="TCP port.")
 def datasette(db: str, host: str, port: int) -> None:

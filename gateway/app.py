@@ -97,28 +97,17 @@ def create_app(config: Config | None = None) -> Flask:
         started = time.perf_counter()
         headers = Headers.of(request.headers.items())
         body = _read_body(config.max_body)
-        conn = store.conn()
         try:
-            if request.method != "POST":
-                outcome = reject(
-                    conn,
-                    Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"),
-                    headers,
-                    body,
-                    request.method,
-                    path,
-                    request.remote_addr,
-                )
-            else:
-                outcome = ingest_request(
-                    conn,
-                    config,
-                    headers,
-                    body,
-                    path=path,
-                    remote_addr=request.remote_addr,
-                    writer=writer,
-                )
+            # Non-POST never gets here: refuse_other_methods keeps and answers it.
+            outcome = ingest_request(
+                store.conn(),
+                config,
+                headers,
+                body,
+                path=path,
+                remote_addr=request.remote_addr,
+                writer=writer,
+            )
         except sqlite3.Error as exc:
             return storage_failure(exc, started)
         return _answer(outcome, started)
@@ -132,22 +121,11 @@ def create_app(config: Config | None = None) -> Flask:
         """
         if request.method == "POST" or not request.path.startswith("/webhooks/enablex"):
             return None
-        started = time.perf_counter()
         tokenless = request.path.rstrip("/") == "/webhooks/enablex"
         path = "/webhooks/enablex" if tokenless else "/webhooks/enablex/<redacted>"
-        try:
-            outcome = reject(
-                store.conn(),
-                Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"),
-                Headers.of(request.headers.items()),
-                _read_body(config.max_body),
-                request.method,
-                path,
-                request.remote_addr,
-            )
-        except sqlite3.Error as exc:
-            return storage_failure(exc, started)
-        return _answer(outcome, started)
+        return refuse(
+            Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"), path
+        )
 
     @app.route("/webhooks/enablex", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def webhook() -> Response:
@@ -162,15 +140,17 @@ def create_app(config: Config | None = None) -> Flask:
         return handle("/webhooks/enablex/<token>")
 
     def _wrong_token(path: str) -> Response:
+        return refuse(Rejected("bad_token", "no webhook endpoint at this path"), path)
+
+    def refuse(verdict: Rejected, path: str) -> Response:
+        """Keep a request refused before ingest (method, token) and answer it."""
         started = time.perf_counter()
-        headers = Headers.of(request.headers.items())
-        body = _read_body(config.max_body)
         try:
             outcome = reject(
                 store.conn(),
-                Rejected("bad_token", "no webhook endpoint at this path"),
-                headers,
-                body,
+                verdict,
+                Headers.of(request.headers.items()),
+                _read_body(config.max_body),
                 request.method,
                 path,
                 request.remote_addr,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+from gateway.schemas import CALL_STATES
+
 # A made-up app id (not hex, so it cannot be mistaken for a real EnableX id).
 DEMO_APP_ID = "callgate-demo-app-0000"
 
@@ -37,22 +39,6 @@ SPEECH_PHRASES = (
     "No, I'm not available.",
     "reset my password",
     "opening hours",
-)
-
-CALL_STATES = frozenset(
-    {
-        "incomingcall",
-        "initiated",
-        "ringing",
-        "connected",
-        "joined",
-        "hold",
-        "unhold",
-        "transferring",
-        "transferred",
-        "disconnected",
-        "failed",
-    }
 )
 
 
