@@ -58,26 +58,34 @@ def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | N
 
 
 class RunningServer:
-    """`callgate serve` as a real subprocess in its own process group."""
+    """`callgate serve` as a real subprocess in its own process group.
 
-    def __init__(self, db: str, env: dict[str, str], workers: int = 2) -> None:
+    Its output goes to a file, never to a pipe: a pipe nobody reads fills up and
+    blocks the server mid-test.
+    """
+
+    def __init__(self, db: str, env: dict[str, str], workers: int = 2,
+                 log_path: Path | None = None, args: tuple[str, ...] = ()) -> None:
         self.db = db
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = env
         self.workers = workers
+        self.log_path = log_path or Path(db + ".server.log")
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RunningServer:
-        self.proc = subprocess.Popen(
-            [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
-             "--workers", str(self.workers)],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        wait_http(self.url + "/healthz", proc=self.proc)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
+                 "--workers", str(self.workers), *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        wait_http(self.url + "/healthz", timeout=30, proc=self.proc)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -86,7 +94,11 @@ class RunningServer:
             self.proc.wait(timeout=20)
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        """SIGTERM (graceful), then SIGKILL if connections keep it from exiting."""
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
 
 
 def server_env(**extra: str) -> dict[str, str]:

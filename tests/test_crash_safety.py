@@ -32,7 +32,7 @@ import pytest
 
 from gateway import eventlog
 from gateway.crypto import encrypt_event
-from tests.conftest import CALLGATE, RunningServer, server_env, wait_http
+from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
 
 HEADERS = {
@@ -52,29 +52,6 @@ CALL_STATES: tuple[dict[str, Any], ...] = (
     {"state": "disconnected", "disconnect_reason": "Normal Clearing"},
 )
 CALL_LEN = len(CALL_STATES)
-
-
-class LoggedServer(RunningServer):
-    """`callgate serve` whose stderr goes to a file: a pipe nobody reads would block it."""
-
-    def __init__(self, db: str, env: dict[str, str], log_path: Path, workers: int = 2,
-                 args: tuple[str, ...] = ()) -> None:
-        super().__init__(db, env, workers)
-        self.log_path = log_path
-        self.args = args
-
-    def start(self) -> LoggedServer:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
-                 "--workers", str(self.workers), *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        wait_http(self.url + "/healthz", timeout=30, proc=self.proc)
-        return self
 
 
 class Projector:
@@ -194,7 +171,7 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
     db = str(tmp_path / "callgate.db")
     rng = random.Random(seed)
     events = make_events(n_events, seed)
-    server = LoggedServer(db, server_env(), tmp_path / "server.log")
+    server = RunningServer(db, server_env(), log_path=tmp_path / "server.log")
     projector = Projector(db) if projector_available() else None
     server.start()
     if projector:

@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 
 from gateway.crypto import derive_key_iv, encrypt_event
-from tests.conftest import CALLGATE, free_port, server_env
-from tests.test_crash_safety import LoggedServer
+from tests.conftest import CALLGATE, RunningServer, free_port, server_env
 
 SECRET_APP = "zq9Kx7-callgate-secret-app-id-5521"
 OTHER_APP = "zq9Kx7-rotating-out-app-id-0042"
@@ -112,7 +111,7 @@ def test_no_secret_in_logs_answers_or_database(tmp_path: Path) -> None:
     env.pop("CALLGATE_SECRETS_DB", None)
     whsecs = [SUB_SECRET]
     output: list[tuple[str, bytes]] = []
-    server = LoggedServer(db, env, tmp_path / "server.log").start()
+    server = RunningServer(db, env, log_path=tmp_path / "server.log").start()
     try:
         with httpx.Client(timeout=10) as client:
             statuses = []
@@ -199,7 +198,7 @@ def test_no_secret_in_logs_answers_or_database(tmp_path: Path) -> None:
 def test_access_log_does_not_reveal_the_path_token(tmp_path: Path) -> None:
     env = server_env(CALLGATE_WEBHOOK_TOKEN=TOKEN)
     log = tmp_path / "server.log"
-    server = LoggedServer(str(tmp_path / "callgate.db"), env, log, args=("--access-log",))
+    server = RunningServer(str(tmp_path / "callgate.db"), env, log_path=log, args=("--access-log",))
     server.start()
     try:
         headers, body = encrypted({"voice_id": "v", "state": "connected"}, SECRET_APP)

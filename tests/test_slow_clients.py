@@ -16,29 +16,16 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import server_env
-from tests.test_crash_safety import LoggedServer
+from tests.conftest import RunningServer
 
 ENABLEX_PATIENCE = 5.0  # seconds EnableX waits for an answer
 HEAD = b"POST /webhooks/enablex HTTP/1.1\r\nHost: callgate\r\nContent-Type: application/json\r\n"
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[LoggedServer]:
-    server = LoggedServer(str(tmp_path / "callgate.db"), server_env(), tmp_path / "server.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 class Slowloris:
@@ -100,14 +87,14 @@ def assert_served(results: list[tuple[int | str, float]], what: str) -> None:
     assert not late, f"{what}: not answered within {ENABLEX_PATIENCE}s: {late}"
 
 
-def test_a_few_slow_senders_leave_the_gateway_serving(served: LoggedServer) -> None:
+def test_a_few_slow_senders_leave_the_gateway_serving(server: RunningServer) -> None:
     """Fewer slow connections than threads: the rest keep serving and nothing crashes."""
-    with Slowloris(served.port, 4, HEAD, b"X"), Slowloris(
-        served.port, 2, HEAD + b"Content-Length: 500\r\n\r\n{", b" "
+    with Slowloris(server.port, 4, HEAD, b"X"), Slowloris(
+        server.port, 2, HEAD + b"Content-Length: 500\r\n\r\n{", b" "
     ):
-        assert_served(normal_traffic(served.url, 10, "few"), "4 header + 2 body tricklers")
-    assert_served(normal_traffic(served.url, 5, "after"), "after they left")
-    assert served.proc is not None and served.proc.poll() is None
+        assert_served(normal_traffic(server.url, 10, "few"), "4 header + 2 body tricklers")
+    assert_served(normal_traffic(server.url, 5, "after"), "after they left")
+    assert server.proc is not None and server.proc.poll() is None
 
 
 SLOW_CASES = {
@@ -122,14 +109,14 @@ SLOW_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SLOW_CASES))
-def test_many_slow_connections_do_not_stall_ordinary_webhooks(served: LoggedServer,
+def test_many_slow_connections_do_not_stall_ordinary_webhooks(server: RunningServer,
                                                               case: str) -> None:
     count, opening, drip = SLOW_CASES[case]
     with ExitStack() as stack:
-        stack.enter_context(Slowloris(served.port, count, opening, drip))
-        results = normal_traffic(served.url, 10, case.split()[0])
+        stack.enter_context(Slowloris(server.port, count, opening, drip))
+        results = normal_traffic(server.url, 10, case.split()[0])
     # Whatever happened under attack, the gateway must be whole once the attackers leave.
-    with closing(socket.create_connection(("127.0.0.1", served.port), timeout=5)):
+    with closing(socket.create_connection(("127.0.0.1", server.port), timeout=5)):
         pass
-    assert_served(normal_traffic(served.url, 5, "after-" + case.split()[0]), "after " + case)
+    assert_served(normal_traffic(server.url, 5, "after-" + case.split()[0]), "after " + case)
     assert_served(results, f"{count} slow connections ({case})")

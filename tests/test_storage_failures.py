@@ -27,9 +27,8 @@ import pytest
 
 from gateway import eventlog
 from gateway.crypto import encrypt_event
-from tests.conftest import CALLGATE, server_env
+from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
-from tests.test_crash_safety import LoggedServer
 
 HEADERS = {"Content-Type": "application/json", "x-algoritm": "aes-256-cbc", "x-format": "hex",
            "x-encoding": "utf8"}
@@ -71,7 +70,7 @@ def assert_unavailable(answers: list[httpx.Response]) -> None:
         assert answer.json()["error"] == "storage_unavailable"
 
 
-def assert_recovered(server: LoggedServer, failed: list[bytes], before: tuple[int, int]) -> None:
+def assert_recovered(server: RunningServer, failed: list[bytes], before: tuple[int, int]) -> None:
     """The refused events are now logged as new (they were not stored before) and the log holds."""
     answers = post_all(server.url, failed)
     assert [a.status_code for a in answers] == [200] * len(failed), [a.text for a in answers]
@@ -84,26 +83,16 @@ def assert_recovered(server: LoggedServer, failed: list[bytes], before: tuple[in
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[LoggedServer]:
-    server = LoggedServer(str(tmp_path / "callgate.db"), server_env(), tmp_path / "server.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def test_lock_held_past_the_busy_timeout_gives_503_then_recovers(served: LoggedServer) -> None:
-    warm = post_all(served.url, [event_body(0)])
+def test_lock_held_past_the_busy_timeout_gives_503_then_recovers(server: RunningServer) -> None:
+    warm = post_all(server.url, [event_body(0)])
     assert warm[0].status_code == 200
-    before = logged_count(served.db)
-    holder = sqlite3.connect(served.db, isolation_level=None)
+    before = logged_count(server.db)
+    holder = sqlite3.connect(server.db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process keeps the write lock
     try:
         failed = [event_body(n) for n in range(1, 5)]
         started = time.perf_counter()
-        answers = post_all(served.url, [*failed, BAD_BODY])
+        answers = post_all(server.url, [*failed, BAD_BODY])
         waited = time.perf_counter() - started
         assert_unavailable(answers)
         print(f"\nlocked: {len(answers)} requests answered 503 after {waited:.1f}s")
@@ -111,23 +100,23 @@ def test_lock_held_past_the_busy_timeout_gives_503_then_recovers(served: LoggedS
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert logged_count(served.db) == before, "nothing was stored while locked"
-    assert_recovered(served, failed, before)
-    bad = post_all(served.url, [BAD_BODY])[0]
-    assert bad.status_code == 400 and logged_count(served.db)[1] == before[1] + 1
+    assert logged_count(server.db) == before, "nothing was stored while locked"
+    assert_recovered(server, failed, before)
+    bad = post_all(server.url, [BAD_BODY])[0]
+    assert bad.status_code == 400 and logged_count(server.db)[1] == before[1] + 1
 
 
 def _chattr(flag: str, *paths: Path) -> None:
     subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
 
 
-def test_read_only_database_gives_503_then_recovers(served: LoggedServer) -> None:
+def test_read_only_database_gives_503_then_recovers(server: RunningServer) -> None:
     """chattr +i: writes fail even through the workers' open descriptors, even for root."""
-    warm = post_all(served.url, [event_body(n) for n in range(3)])
+    warm = post_all(server.url, [event_body(n) for n in range(3)])
     assert [a.status_code for a in warm] == [200] * 3
-    before = logged_count(served.db)
-    files = [Path(served.db), Path(served.db + "-wal")]
-    probe = Path(served.db).with_name("probe")
+    before = logged_count(server.db)
+    files = [Path(server.db), Path(server.db + "-wal")]
+    probe = Path(server.db).with_name("probe")
     probe.touch()
     try:
         _chattr("+i", probe)
@@ -137,14 +126,14 @@ def test_read_only_database_gives_503_then_recovers(served: LoggedServer) -> Non
     _chattr("+i", *files)
     try:
         failed = [event_body(n) for n in range(10, 16)]
-        answers = post_all(served.url, [*failed, BAD_BODY])
+        answers = post_all(server.url, [*failed, BAD_BODY])
         assert_unavailable(answers)
-        again = post_all(served.url, failed[:2])  # still read-only: still 503, not a stale 2xx
+        again = post_all(server.url, failed[:2])  # still read-only: still 503, not a stale 2xx
         assert_unavailable(again)
     finally:
         _chattr("-i", *files)
-    assert logged_count(served.db) == before
-    assert_recovered(served, failed, before)
+    assert logged_count(server.db) == before
+    assert_recovered(server, failed, before)
 
 
 @pytest.fixture
@@ -176,7 +165,9 @@ def fill(path: Path) -> int:
 
 
 def test_disk_full_gives_503_never_a_false_ack_then_recovers(tiny_fs: Path) -> None:
-    server = LoggedServer(str(tiny_fs / "callgate.db"), server_env(), tiny_fs.parent / "s.log")
+    server = RunningServer(
+        str(tiny_fs / "callgate.db"), server_env(), log_path=tiny_fs.parent / "s.log"
+    )
     server.start()
     try:
         warm = post_all(server.url, [event_body(n) for n in range(5)])
