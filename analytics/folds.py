@@ -105,27 +105,42 @@ def json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
+_CLASS_NAMES = ("call", "play", "speech", "recording", "dtmf", "bridge", "broadcast", "unknown")
+
+
 @lru_cache(maxsize=4096)
-def _day_ms(day: str) -> int:
-    return (date.fromisoformat(day) - _EPOCH_DAY).days * 86_400_000
+def _classes_json(counts: tuple[int, ...]) -> str:
+    """event_classes text for per-class counts in _CLASS_NAMES order (cached: calls of one
+    shape share their counts, and building + dumping the dict costs more than the lookup)."""
+    return json_text(
+        {name: count for name, count in zip(_CLASS_NAMES, counts, strict=True) if count}
+    )
+
+
+@lru_cache(maxsize=65536)
+def _minute_ms(minute: str) -> int:
+    """Milliseconds since the epoch of "YYYY-MM-DDTHH:MM" (cached: a call's events share
+    a handful of minutes, and parsing the date is most of the cost)."""
+    return (
+        (date.fromisoformat(minute[:10]) - _EPOCH_DAY).days * 86_400_000
+        + int(minute[11:13]) * 3_600_000
+        + int(minute[14:16]) * 60_000
+    )
 
 
 def epoch_ms(at: str) -> int:
     """Milliseconds since the epoch of a stored UTC time; integers keep floor() exact.
 
     The log stores one fixed-width form (YYYY-MM-DDTHH:MM:SS.mmmZ), parsed here by
-    slicing; anything else goes through datetime.fromisoformat."""
+    slicing (seconds and milliseconds as one integer "SSmmm"); anything else goes
+    through datetime.fromisoformat."""
     if len(at) == 24 and at[23] == "Z" and at[10] == "T" and at[19] == ".":
-        try:
-            return (
-                _day_ms(at[:10])
-                + int(at[11:13]) * 3_600_000
-                + int(at[14:16]) * 60_000
-                + int(at[17:19]) * 1000
-                + int(at[20:23])
-            )
-        except ValueError:
-            pass
+        tail = at[17:19] + at[20:23]
+        if tail.isdigit():
+            try:
+                return _minute_ms(at[:16]) + int(tail)
+            except ValueError:
+                pass
     moment = datetime.fromisoformat(at)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -349,11 +364,18 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
     if end_event is not None:
         ended_at = end_event["occurred_at"]
         reason = _reason(end_event)
+    answered_ms = 0
     duration_s = None
-    if answered_at is not None and disconnected is not None:
-        duration_s = (epoch_ms(disconnected["occurred_at"]) - epoch_ms(answered_at)) // 1000
+    if answered_at is not None:
+        answered_ms = epoch_ms(answered_at)
+        if disconnected is not None:
+            duration_s = (epoch_ms(disconnected["occurred_at"]) - answered_ms) // 1000
     ring_from = ringing_at or incoming_at
-    ring_seconds = _seconds_between(ring_from, answered_at or ended_at)
+    ring_to = answered_at or ended_at
+    ring_seconds = None
+    if ring_from is not None and ring_to is not None:
+        to_ms = answered_ms if ring_to is answered_at else epoch_ms(ring_to)
+        ring_seconds = (to_ms - epoch_ms(ring_from)) / 1000
 
     if broadcast_id is not None:
         direction = "broadcast"
@@ -363,15 +385,11 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
         direction = "outbound"
     else:
         direction = None
-    classes = {
-        name: count
-        for name, count in (
-            ("call", n_call), ("play", n_play), ("speech", n_speech),
-            ("recording", n_recording), ("dtmf", n_dtmf), ("bridge", n_bridge),
-            ("broadcast", n_broadcast), ("unknown", n_unknown),
-        )  # fmt: skip
-        if count
-    }
+    classes = _classes_json(
+        (n_call, n_play, n_speech, n_recording, n_dtmf, n_bridge, n_broadcast, n_unknown)
+    )
+    # In seq order (the common case) the ends of `seqs` are its extremes.
+    first_seq, last_seq = (min(seqs), max(seqs)) if late else (seqs[0], seqs[-1])
     call = (
         voice_id, direction, from_number, to_number, final_state, first["occurred_at"],
         ring_from, answered_at, ended_at, events[-1]["occurred_at"], ring_seconds, duration_s,
@@ -380,13 +398,13 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
         json_text(speech_results) if speech_results else _EMPTY, recording_url,
         recording_duration, bridge_state, transfer_to,
         owner_ref, channel_id, room_id, broadcast_id, len(events), n_unknown, len(late),
-        json_text(classes), min(seqs), max(seqs),
+        classes, first_seq, last_seq,
     )  # fmt: skip
     play_rows = [
         (voice_id, pid, e[0], e[1], json_text(e[4]) if e[4] else _EMPTY, e[5], e[6], e[2], e[3],
          e[7], e[8], e[9])
         for pid, e in sorted(plays.items())
-    ]
+    ]  # fmt: skip
     recording_rows = _recording_rows(voice_id, recordings, recording_url, recording_duration)
     return CallRows(call, play_rows, recording_rows, dtmf_rows, speech_rows, marks, rows)
 

@@ -15,14 +15,24 @@ e.g. Datasette) see the old tables until the new ones are complete.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import itertools
+import json
 import operator
+import os
+import selectors
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,11 +46,20 @@ CHECKPOINT = "projector"
 DEFAULT_BATCH = 2000
 _READ_CHUNK = 20000  # rows fetched per round trip while rebuilding
 _WRITE_CHUNK = 2000  # calls folded before their rows are flushed with executemany
+_PARALLEL_MIN_EVENTS = 100_000  # smaller logs fold faster than worker processes start
+_MAX_WORKERS = 4
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 Progress = Callable[[int, int], None]
 # While rebuilding: the log is read in call order (random access into the table), so a big
 # page cache and memory-mapped reads matter more than anything in Python.
 _BULK_PRAGMAS = {"cache_size": -262144, "mmap_size": 2147418112, "temp_store": 2}
+# On the connection writing staging: chunks are bound into in-memory TEMP tables, and
+# dropping the old projections does not zero every freed page (a Debian build default);
+# the same data stays in `events`, so zeroing would hide nothing.
+_WRITE_PRAGMAS = {"temp_store": 2, "secure_delete": "FAST"}
+_CHUNK_SUFFIX = "__chunk"
+_NONE_TO_NULL: Callable[[None], None] = {}.get  # a C-level "return None" for sqlite3 adapters
 
 _CALL_EVENTS = (
     "SELECT seq, received_at, payload FROM events WHERE voice_id = ? ORDER BY occurred_at, seq"
@@ -54,7 +73,7 @@ _BROADCAST_COLUMNS = (
 _BROADCAST_EVENTS = _BROADCAST_COLUMNS + "WHERE broadcast_id = ? ORDER BY occurred_at, seq"
 _ALL_BROADCAST_EVENTS = (
     _BROADCAST_COLUMNS
-    + "WHERE broadcast_id IS NOT NULL ORDER BY broadcast_id, occurred_at, seq"
+    + "WHERE broadcast_id IS NOT NULL AND seq <= ? ORDER BY broadcast_id, occurred_at, seq"
 )
 _PER_CALL_TABLES = (tables.CALLS, tables.PLAYS, tables.RECORDINGS, tables.DTMF, tables.SPEECH)
 
@@ -90,9 +109,11 @@ def ensure_tables(conn: sqlite3.Connection) -> None:
 
 def checkpoint(conn: sqlite3.Connection) -> int:
     """Highest seq the projections reflect (0 before the first run)."""
-    row = _cursor(conn).execute(
-        "SELECT seq FROM checkpoints WHERE name = ?", (CHECKPOINT,)
-    ).fetchone()
+    row = (
+        _cursor(conn)
+        .execute("SELECT seq FROM checkpoints WHERE name = ?", (CHECKPOINT,))
+        .fetchone()
+    )
     return int(row[0]) if row else 0
 
 
@@ -175,7 +196,12 @@ class _Rows:
         if rows.marks:
             self.marks.extend(rows.marks)
 
-    def flush(self, conn: sqlite3.Connection, staging: bool = False) -> None:
+    def flush(
+        self, conn: sqlite3.Connection, into: Callable[[tables.Table], str] | None = None
+    ) -> list[tables.Table]:
+        """executemany every pending row into its table (or the table `into` names);
+        returns the tables that got rows."""
+        filled = []
         for table, rows in (
             (tables.CALLS, self.calls),
             (tables.PLAYS, self.plays),
@@ -186,9 +212,11 @@ class _Rows:
             (tables.TIMELINE_MARKS, self.marks),
         ):
             if rows:
-                sql = table.insert_sql_into(table.staging_name) if staging else table.insert_sql
+                sql = table.insert_sql if into is None else table.insert_sql_into(into(table))
                 conn.executemany(sql, rows)
                 rows.clear()
+                filled.append(table)
+        return filled
 
 
 def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
@@ -203,11 +231,15 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
         conn.execute("BEGIN")
         try:
             start = checkpoint(conn)
-            new = _cursor(conn).execute(
-                "SELECT seq, voice_id, broadcast_id FROM events WHERE seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (start, batch),
-            ).fetchall()
+            new = (
+                _cursor(conn)
+                .execute(
+                    "SELECT seq, voice_id, broadcast_id FROM events WHERE seq > ? "
+                    "ORDER BY seq LIMIT ?",
+                    (start, batch),
+                )
+                .fetchall()
+            )
             if not new:
                 return 0
             voice_ids = sorted({row[1] for row in new if row[1] is not None})
@@ -247,9 +279,7 @@ def _delete(conn: sqlite3.Connection, voice_ids: list[str], broadcast_ids: list[
         conn.executemany(f'DELETE FROM "{table.name}" WHERE voice_id = ?', call_keys)
     keys = [(broadcast_id,) for broadcast_id in broadcast_ids]
     conn.executemany("DELETE FROM broadcasts WHERE broadcast_id = ?", keys)
-    conn.executemany(
-        "DELETE FROM timeline_marks WHERE voice_id IS NULL AND broadcast_id = ?", keys
-    )
+    conn.executemany("DELETE FROM timeline_marks WHERE voice_id IS NULL AND broadcast_id = ?", keys)
 
 
 def project_all(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
@@ -295,8 +325,27 @@ def follow(
     return total
 
 
+def _calls_query(lo: str | None, hi: str | None) -> tuple[str, list[Any]]:
+    """The events of the calls with lo <= voice_id < hi (None: unbounded) up to a head seq
+    (the last parameter, appended by the caller), in call order: one walk of the
+    (voice_id, occurred_at, seq) index."""
+    where = ["voice_id IS NOT NULL"]
+    params: list[Any] = []
+    if lo is not None:
+        where.append("voice_id >= ?")
+        params.append(lo)
+    if hi is not None:
+        where.append("voice_id < ?")
+        params.append(hi)
+    sql = (
+        "SELECT voice_id, seq, payload FROM events WHERE " + " AND ".join(where)
+        + " AND seq <= ? ORDER BY voice_id, occurred_at, seq"
+    )  # fmt: skip
+    return sql, params
+
+
 def _grouped(
-    cur: sqlite3.Cursor, sql: str, progress: Callable[[int], None]
+    cur: sqlite3.Cursor, sql: str, params: list[Any], progress: Callable[[int], None]
 ) -> Iterator[list[dict[str, Any]]]:
     """Stream `sql` (key, seq, payload ordered by key, time, seq) as one decoded event list
     per key, without holding the log in memory. (received_at is left out: only the
@@ -305,9 +354,9 @@ def _grouped(
     Walking the (voice_id, occurred_at, seq) index costs more per row than a sequential
     scan, but measured over a million events it beats a seq-order scan that groups calls
     in memory: one call's events at a time stay cache-hot, and rows are written in key
-    order."""
+    order (inserting out of key order doubles the cost of the writes)."""
     loads = orjson.loads
-    cur.execute(sql)
+    cur.execute(sql, params)
     current: Any = None
     group: list[dict[str, Any]] = []
     append = group.append
@@ -337,16 +386,40 @@ def _db_file(conn: sqlite3.Connection) -> str:
     return ""
 
 
-class _Writes:
-    """Staged writes: each chunk in its own short write transaction, so the gateway's
-    appends interleave with a long rebuild instead of timing out behind it. With no
-    separate reader (in-memory DB) everything stays in the one open transaction."""
+def _staging_name(table: tables.Table) -> str:
+    return table.staging_name
 
-    def __init__(self, conn: sqlite3.Connection, chunked: bool) -> None:
+
+def _chunk_name(table: tables.Table) -> str:
+    return table.name + _CHUNK_SUFFIX
+
+
+class _Stager:
+    """Writes a rebuild's rows into the staging tables.
+
+    On a file database (`chunked`) every chunk is first bound into this connection's
+    private TEMP tables, which takes no lock on the log's database, then copied into
+    staging by SQLite itself in one short write transaction. Binding Python values is
+    most of the cost of a write, so the gateway's appends (and the other workers) wait
+    for the copy only, milliseconds. In-memory there is no one to wait: rows go straight
+    into staging inside the rebuild's one open transaction. A worker process passes its
+    parent's pid and stops before writing once orphaned."""
+
+    def __init__(self, conn: sqlite3.Connection, chunked: bool, parent: int | None = None) -> None:
         self.conn = conn
         self.chunked = chunked
+        self.parent = parent
+        if chunked:
+            for table in tables.PROJECTIONS:
+                columns = ", ".join(f'"{name}"' for name in table.column_names)
+                # Untyped columns keep values exactly as bound; staging's own column
+                # types apply on the copy, as if they had been bound there directly.
+                conn.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{_chunk_name(table)}" ({columns})')
 
     def run(self, work: Callable[[], None]) -> None:
+        """`work` inside a write transaction (the rebuild's open one when in-memory)."""
+        if self.parent is not None and os.getppid() != self.parent:
+            raise SystemExit("rebuild worker: the rebuild that started it is gone")
         if not self.chunked:
             work()
             return
@@ -358,66 +431,297 @@ class _Writes:
             self.conn.execute("ROLLBACK")
             raise
 
+    def write(self, rows: _Rows) -> None:
+        """Move every pending row into the staging tables."""
+        if not self.chunked:
+            self.run(lambda: rows.flush(self.conn, _staging_name))
+            return
+        conn = self.conn
+        conn.execute("BEGIN")  # touches only TEMP: no lock on the database file
+        try:
+            filled = rows.flush(conn, _chunk_name)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
-def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
+        def copy() -> None:
+            for table in filled:
+                conn.execute(
+                    f'INSERT INTO main."{table.staging_name}" '
+                    f'SELECT * FROM temp."{_chunk_name(table)}"'
+                )
+
+        self.run(copy)
+        for table in filled:
+            conn.execute(f'DELETE FROM temp."{_chunk_name(table)}"')
+
+    def close(self) -> None:
+        """Drop the TEMP tables (the connection may be the caller's)."""
+        if self.chunked:
+            for table in tables.PROJECTIONS:
+                self.conn.execute(f'DROP TABLE IF EXISTS temp."{_chunk_name(table)}"')
+
+
+def _fold_calls(
+    reader: sqlite3.Connection,
+    stager: _Stager,
+    head: int,
+    lo: str | None = None,
+    hi: str | None = None,
+    progress: Callable[[int], None] = lambda done: None,
+) -> None:
+    """Fold every call with lo <= voice_id < hi, as of `head`, into the staging tables."""
+    sql, params = _calls_query(lo, hi)
+    pending = _Rows()
+    fold_call = folds.fold_call
+    add_call = pending.add_call
+    for groups, group in enumerate(_grouped(_cursor(reader), sql, [*params, head], progress), 1):
+        add_call(fold_call(group))
+        if groups % _WRITE_CHUNK == 0:
+            stager.write(pending)
+    stager.write(pending)
+
+
+def _fold_broadcasts(reader: sqlite3.Connection, stager: _Stager, head: int) -> None:
+    """Fold every broadcast, as of `head`, into the staging tables (a few rows: one chunk)."""
+    pending = _Rows()
+    rows = _cursor(reader).execute(_ALL_BROADCAST_EVENTS, (head,))
+    for _, group in itertools.groupby(rows, key=operator.itemgetter(0)):
+        pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r) for r in group]))
+    stager.write(pending)
+
+
+def _split_points(reader: sqlite3.Connection, parts: int) -> list[str]:
+    """voice_ids cutting the calls' events into `parts` ranges of about equal size, read off
+    the (voice_id, ...) index; a call never straddles two ranges."""
+    cur = _cursor(reader)
+    n = cur.execute("SELECT COUNT(*) FROM events WHERE voice_id IS NOT NULL").fetchone()[0]
+    points: list[str] = []
+    for k in range(1, parts):
+        row = cur.execute(
+            "SELECT voice_id FROM events WHERE voice_id IS NOT NULL ORDER BY voice_id "
+            "LIMIT 1 OFFSET ?",
+            (n * k // parts,),
+        ).fetchone()
+        if row is not None and (not points or row[0] > points[-1]):
+            points.append(row[0])
+    return points
+
+
+def _worker_count(workers: int | None, n_events: int) -> int:
+    """Processes to fold calls in: `workers` if given, else one per CPU (at most
+    _MAX_WORKERS) for logs big enough to pay for starting them."""
+    if workers is not None:
+        return max(1, workers)
+    if n_events < _PARALLEL_MIN_EVENTS:
+        return 1
+    return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+
+
+class _Workers:
+    """Worker processes (`_worker_main`), each folding one voice_id range into the staging
+    tables through its own connections: the fold is CPU-bound Python, so processes, not
+    threads. `close()` kills whatever still runs, so no worker outlives a failed or
+    interrupted rebuild (and the kernel kills them if this process dies, see
+    `_die_with_parent`)."""
+
+    def __init__(self, count: int) -> None:
+        """Start `count` workers; they import while the caller prepares their jobs."""
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.assigned = 0
+        try:
+            for _ in range(count):
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", _WORKER_CODE],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        env=env,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, path: str, head: int, ranges: list[tuple[str | None, str | None]]) -> None:
+        """Give each worker its voice_id range; workers left without one just exit."""
+        self.assigned = min(len(ranges), len(self.procs))
+        for index, proc in enumerate(self.procs):
+            assert proc.stdin is not None
+            if index < self.assigned:
+                lo, hi = ranges[index]
+                job = {"db": path, "lo": lo, "hi": hi, "head": head}
+                proc.stdin.write(json.dumps(job).encode() + b"\n")
+            proc.stdin.close()
+
+    def wait(self, progress: Callable[[int], None]) -> None:
+        """Relay the workers' progress until all have finished; raise if any failed."""
+        done = [0] * len(self.procs)
+        finished = [False] * len(self.procs)
+        pending = [b""] * len(self.procs)
+        with selectors.DefaultSelector() as selector:
+            for index, proc in enumerate(self.procs):
+                assert proc.stdout is not None
+                selector.register(proc.stdout, selectors.EVENT_READ, index)
+            while selector.get_map():
+                for key, _ in selector.select():
+                    index = key.data
+                    data = os.read(key.fd, 65536)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        continue
+                    *lines, pending[index] = (pending[index] + data).split(b"\n")
+                    for line in lines:
+                        message = json.loads(line)
+                        if "error" in message:
+                            raise RuntimeError(f"rebuild worker failed:\n{message['error']}")
+                        if "ok" in message:
+                            finished[index] = True
+                        done[index] = message.get("done", done[index])
+                    progress(sum(done))
+        for index, proc in enumerate(self.procs):
+            code = proc.wait()
+            if code != 0 or (index < self.assigned and not finished[index]):
+                raise RuntimeError(f"rebuild worker {index} exited with status {code}")
+
+    def close(self) -> None:
+        """Kill every worker still running and reap them all (idempotent)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_WORKER_CODE = "from analytics.projector import _worker_main; raise SystemExit(_worker_main())"
+
+
+def _die_with_parent() -> int:
+    """Linux: have the kernel SIGKILL this worker when the rebuild's process dies (even by
+    SIGKILL), so an orphan never writes into the staging tables of a later rebuild.
+    Elsewhere `_Stager` checks the parent before each write transaction. Returns the
+    parent's pid."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect
+        raise SystemExit(1)
+    return parent
+
+
+def _worker_main() -> int:
+    """Entry point of a rebuild worker process: read its job (one JSON line on stdin), fold
+    that voice_id range, report on stdout (one JSON object per line: progress, then ok
+    or error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent = _die_with_parent()
+    gc.disable()
+    # Binding None goes through sqlite3's adapter lookup, whose miss raises and swallows an
+    # AttributeError per NULL (a third of the write time); a registered adapter answers
+    # at once. Process-wide state, so only ever set in this dedicated process.
+    sqlite3.register_adapter(type(None), _NONE_TO_NULL)
+    out = sys.stdout
+
+    def send(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    try:
+        line = sys.stdin.readline()
+        if not line:  # the parent closed our stdin without a job: nothing to do
+            return 0
+        job = json.loads(line)
+        reader = eventlog.connect(job["db"], synchronous="NORMAL")
+        writer = eventlog.connect(job["db"], synchronous="NORMAL")
+        for name, value in _BULK_PRAGMAS.items():
+            reader.execute(f"PRAGMA {name} = {value}")
+        for name, value in _WRITE_PRAGMAS.items():
+            writer.execute(f"PRAGMA {name} = {value}")
+        # Its reader's snapshot pins the WAL anyway: the parent checkpoints after the swap.
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        stager = _Stager(writer, chunked=True, parent=parent)
+        _fold_calls(reader, stager, job["head"], job["lo"], job["hi"], lambda n: send({"done": n}))
+        reader.close()
+        writer.close()
+    except BaseException:
+        send({"error": traceback.format_exc()})
+        return 1
+    send({"ok": True})
+    return 0
+
+
+def rebuild(
+    conn: sqlite3.Connection, progress: Progress | None = None, workers: int | None = None
+) -> int:
     """Rebuild every projection from seq 1; readers never see a half-built table.
 
-    The log is read in one snapshot (a second connection's read transaction) and
-    folded into staging tables; one short final transaction drops the old tables,
-    renames the staging ones into place, indexes them and sets the checkpoint to the
-    snapshot's head. Events appended meanwhile are left to the incremental projector.
+    The log up to its current head is folded into staging tables (short write
+    transactions); one short final transaction drops the old tables, renames the
+    staging ones into place, indexes them and sets the checkpoint to that head. The log
+    is append-only, so "seq <= head" is a snapshot every connection can read without
+    holding one open. Events appended meanwhile are left to the incremental projector.
+
+    Calls are folded by `workers` processes (default: one per CPU for big logs), each
+    owning a range of voice_ids; an in-memory database is folded in this process.
     Returns the number of events folded. `progress(done, total)` follows the fold.
     """
     ensure_tables(conn)
     path = _db_file(conn)
     reader = eventlog.connect(path, synchronous="NORMAL") if path else conn
     staged = reader is not conn
-    cur = _cursor(reader)
     # The fold makes no reference cycles; the cyclic GC would only rescan millions of
     # short-lived event dicts over and over.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     saved: dict[tuple[int, str], tuple[sqlite3.Connection, Any]] = {}
-    for name, value in _BULK_PRAGMAS.items():
-        for target in {id(c): c for c in (reader, conn)}.values():
+    for target, pragmas in ((reader, _BULK_PRAGMAS), (conn, _WRITE_PRAGMAS)):
+        for name, value in pragmas.items():
             current = target.execute(f"PRAGMA {name}").fetchone()
-            if current is not None:  # (an in-memory database has no mmap_size)
-                saved[(id(target), name)] = (target, current[0])
+            if current is not None and (id(target), name) not in saved:
+                saved[(id(target), name)] = (target, current[0])  # (in-memory: no mmap_size)
+            if current is not None:
                 target.execute(f"PRAGMA {name} = {value}")
-    writes = _Writes(conn, chunked=staged)
-    # The snapshot everything below is folded from (in-memory: the one transaction).
-    reader.execute("BEGIN" if staged else "BEGIN IMMEDIATE")
+    stager: _Stager | None = None
+    stack = contextlib.ExitStack()
+    if not staged:  # in-memory: one transaction from the first read to the swap
+        conn.execute("BEGIN IMMEDIATE")
     try:
-        head, n_events = cur.execute(
-            "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM events"
-        ).fetchone()
+        head, n_events = (
+            _cursor(reader).execute("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM events").fetchone()
+        )
 
         def report(done: int) -> None:
             if progress is not None:
                 progress(done, n_events)
 
-        writes.run(lambda: tables.create_staging(conn))
-        pending = _Rows()
-        fold_call = folds.fold_call
-        add_call = pending.add_call
-
-        def flush() -> None:
-            pending.flush(conn, staging=True)
-
-        calls = _grouped(
-            cur,
-            "SELECT voice_id, seq, payload FROM events "
-            "WHERE voice_id IS NOT NULL ORDER BY voice_id, occurred_at, seq",
-            report,
-        )
-        for groups, group in enumerate(calls, 1):
-            add_call(fold_call(group))
-            if groups % _WRITE_CHUNK == 0:
-                writes.run(flush)
-        broadcast_rows = _cursor(reader).execute(_ALL_BROADCAST_EVENTS)
-        for _, rows in itertools.groupby(broadcast_rows, key=operator.itemgetter(0)):
-            pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r) for r in rows]))
-        writes.run(flush)
+        n_workers = _worker_count(workers, n_events) if staged else 1
+        # Started first: they import while this process creates the staging tables.
+        pool = stack.enter_context(_Workers(n_workers)) if n_workers > 1 else None
+        stager = _Stager(conn, chunked=staged)
+        stager.run(lambda: tables.create_staging(conn))
+        if pool is not None:
+            points = _split_points(reader, n_workers)
+            bounds = [None, *points, None]
+            pool.start(path, head, list(itertools.pairwise(bounds)))
+            _fold_broadcasts(reader, stager, head)
+            pool.wait(report)
+            pool.close()
+        else:
+            _fold_calls(reader, stager, head, progress=report)
+            _fold_broadcasts(reader, stager, head)
         report(n_events)
 
         def swap() -> None:
@@ -436,14 +740,16 @@ def rebuild(conn: sqlite3.Connection, progress: Progress | None = None) -> int:
             swap()
             conn.execute("COMMIT")
     except BaseException:
-        if reader.in_transaction:
-            reader.execute("ROLLBACK")
+        stack.close()  # kill any worker still running: none may write after this
+        if not staged and conn.in_transaction:
+            conn.execute("ROLLBACK")
         if staged:
             _drop_staging_quietly(conn)
         raise
     finally:
-        if reader.in_transaction:
-            reader.execute("COMMIT")
+        stack.close()
+        if stager is not None:
+            stager.close()
         for (_, name), (target, value) in saved.items():
             target.execute(f"PRAGMA {name} = {value}")
         if staged:
