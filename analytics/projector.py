@@ -263,6 +263,7 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
                 continue
             _delete(conn, voice_ids, broadcast_ids)
             pending.flush(conn)
+            tables.refresh_summaries(conn, voice_ids)
             _set_checkpoint(conn, new[-1][0])
             conn.execute("COMMIT")
         except BaseException:

@@ -10,10 +10,11 @@ Units are in the names: `_at` is UTC text `YYYY-MM-DDTHH:MM:SS.mmmZ`, `_s` and
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from analytics import folds
+from analytics import folds, summaries
 
 STAGING_SUFFIX = "__rebuild"
 
@@ -42,11 +43,19 @@ class Table:
         return f'CREATE TABLE IF NOT EXISTS "{name or self.name}" ({", ".join(body)}){suffix}'
 
     def index_sql(self) -> list[str]:
+        return [
+            sql.replace(" INDEX ", " INDEX IF NOT EXISTS ", 1)
+            for _, sql in self.index_definitions()
+        ]
+
+    def index_definitions(self) -> list[tuple[str, str]]:
+        """(name, CREATE INDEX statement) exactly as SQLite keeps it in sqlite_master.sql,
+        so an index whose definition changed since a database was built is recognised."""
         out = []
         for index, cols, where, unique in self.indexes:
             kind = "UNIQUE INDEX" if unique else "INDEX"
             clause = f" WHERE {where}" if where else ""
-            out.append(f'CREATE {kind} IF NOT EXISTS "{index}" ON "{self.name}" ({cols}){clause}')
+            out.append((index, f'CREATE {kind} "{index}" ON "{self.name}" ({cols}){clause}'))
         return out
 
     @cached_property
@@ -63,6 +72,18 @@ class Table:
         """Where a rebuild fills this table before swapping it in."""
         return self.name + STAGING_SUFFIX
 
+
+# Expressions shared by index definitions and the canned queries of metadata.yml: SQLite
+# uses an index on an expression only for the same expression (tests check the plans).
+STARTED_DAY = 'substr("started_at", 1, 10)'
+DIRECTION_GROUP = "coalesce(\"direction\", 'unknown')"
+TIME_TO_ANSWER_MS = (
+    'CAST(round((julianday("answered_at") - julianday("started_at")) * 86400000.0) AS INTEGER)'
+)
+ANSWERED = '"answered_at" IS NOT NULL AND "started_at" IS NOT NULL'
+RING_MS = 'CAST(round("ring_seconds" * 1000.0) AS INTEGER)'
+RUNG = '"ring_seconds" IS NOT NULL'
+ACTIVE_UNTIL = 'coalesce("ended_at", "last_event_at")'
 
 CALLS = Table(
     "calls",
@@ -114,11 +135,31 @@ CALLS = Table(
         ("last_seq", "INTEGER", "Highest events.seq of the call."),
     ),
     primary_key=("voice_id",),
+    # Besides the lookups Datasette's table pages make, the canned queries of metadata.yml
+    # each read one of these indexes in order instead of the table (SQLite 3.40 uses an
+    # index on expressions only when the query spells the same expression, and treats it
+    # as covering only when the plain columns the query names are in it too). Generated
+    # columns would not help: any query naming one reads the table row.
     indexes=(
         ("calls_started_at", '"started_at"', "", False),
         ("calls_final_state", '"final_state", "started_at"', "", False),
-        ("calls_direction", '"direction", "started_at"', "", False),
+        # + answered_at: recording_coverage counts answered calls per direction from it
+        ("calls_direction", '"direction", "started_at", "answered_at"', "", False),
         ("calls_broadcast_id", '"broadcast_id"', '"broadcast_id" IS NOT NULL', False),
+        # calls_per_day, asr_ner_per_day, acd_per_day: grouped per day without a sort
+        ("calls_started_day", f"{STARTED_DAY}, \"direction\", \"final_state\", "
+         '"disconnect_reason", "answered_at", "duration_s", "started_at"', "", False),
+        # disconnect_reasons
+        ("calls_ended", '"final_state", "disconnect_reason", "answered_at"', "", False),
+        # answer_and_ring_times: each direction's values, and all of them, in order
+        ("calls_answer_ms_by_direction", f'{DIRECTION_GROUP}, {TIME_TO_ANSWER_MS}, '
+         '"direction", "answered_at", "started_at"', ANSWERED, False),
+        ("calls_answer_ms", f'{TIME_TO_ANSWER_MS}, "answered_at", "started_at"', ANSWERED, False),
+        ("calls_ring_ms_by_direction", f'{DIRECTION_GROUP}, {RING_MS}, "direction", '
+         '"ring_seconds"', RUNG, False),
+        ("calls_ring_ms", f'{RING_MS}, "ring_seconds"', RUNG, False),
+        # hourly_concurrency: the calls still active after a given moment
+        ("calls_active_until", ACTIVE_UNTIL, "", False),
     ),
 )
 
@@ -142,7 +183,10 @@ PLAYS = Table(
     ),
     primary_key=("voice_id", "play_id"),
     without_rowid=True,
-    indexes=(("plays_prompt_ref", '"prompt_ref"', "", False),),
+    # + final_state, digits, speech_result: ivr_prompt_outcomes groups plays from it
+    indexes=(
+        ("plays_prompt_ref", '"prompt_ref", "final_state", "digits", "speech_result"', "", False),
+    ),
 )
 
 RECORDINGS = Table(
@@ -299,13 +343,49 @@ FROM events AS e LEFT JOIN timeline_marks AS m ON m.seq = e.seq"""
 
 CHECKPOINTS = Table(
     "checkpoints",
-    "How far each consumer of the log has got (name 'projector': the projections).",
+    "How far each consumer of the log has got (name 'projector': the projections; "
+    "'lateness_histogram': that summary).",
     (
         ("name", "TEXT NOT NULL", "Consumer name."),
         ("seq", "INTEGER NOT NULL", "Highest events.seq fully reflected by that consumer."),
         ("updated_at", "TEXT", "When the checkpoint last moved (UTC)."),
     ),
     primary_key=("name",),
+)
+
+# Summaries (analytics/summaries.py): what peak_concurrency and webhook_lateness read
+# instead of sweeping every call or histogramming every event on each request.
+HOURLY_CONCURRENCY = Table(
+    summaries.CONCURRENCY,
+    "Per UTC hour: the most calls active at one moment and the calls that started "
+    "(peak_concurrency). Derived from calls; kept up to date by the projector.",
+    (
+        ("hour", "TEXT NOT NULL", "Start of the hour (UTC, YYYY-MM-DDTHH:00:00Z)."),
+        ("peak_concurrent_calls", "INTEGER NOT NULL", "Most calls active at one moment of the "
+         "hour: a call is active from started_at until ended_at (until last_event_at while "
+         "it has not ended), end excluded."),
+        ("calls_started", "INTEGER NOT NULL", "Calls whose started_at is in the hour."),
+    ),
+    primary_key=("hour",),
+    without_rowid=True,
+)
+
+LATENESS_HISTOGRAM = Table(
+    summaries.LATENESS,
+    "Logged events per received day, class and lateness (received_at - occurred_at) in "
+    "milliseconds, for webhook_lateness; events without a timestamp of their own are left "
+    "out. Only grows: checkpoints row 'lateness_histogram' says how far it has got.",
+    (
+        ("received_day", "TEXT NOT NULL", "UTC day of received_at (YYYY-MM-DD)."),
+        ("class", "TEXT NOT NULL", "Event class as logged (events.class)."),
+        ("ms", "INTEGER NOT NULL", "received_at - occurred_at in milliseconds (negative when "
+         "EnableX's clock is ahead)."),
+        ("events", "INTEGER NOT NULL", "Number of events."),
+        ("first_seq", "INTEGER NOT NULL", "Lowest events.seq among them."),
+        ("last_seq", "INTEGER NOT NULL", "Highest events.seq among them."),
+    ),
+    primary_key=("class", "ms", "received_day"),
+    without_rowid=True,
 )
 
 _FIELDS = {
@@ -327,7 +407,9 @@ if tuple(name for name, _ in TIMELINE_COLUMNS) != folds.TIMELINE_FIELDS:
 PROJECTIONS: tuple[Table, ...] = (
     CALLS, PLAYS, RECORDINGS, DTMF, SPEECH, BROADCASTS, TIMELINE_MARKS,
 )  # fmt: skip
-ALL_TABLES: tuple[Table, ...] = (*PROJECTIONS, CHECKPOINTS)
+# Kept by analytics/summaries.py rather than by the folds.
+SUMMARIES: tuple[Table, ...] = (HOURLY_CONCURRENCY, LATENESS_HISTOGRAM)
+ALL_TABLES: tuple[Table, ...] = (*PROJECTIONS, *SUMMARIES, CHECKPOINTS)
 
 # For metadata.yml: a description per table/view and per column.
 TABLE_DESCRIPTIONS: dict[str, str] = {
@@ -341,21 +423,56 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 
 
 def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
-    """Idempotent: create every projection table (and its indexes unless bulk loading) and
-    the timeline view. Needs the `events` table (gateway.eventlog.ensure_schema)."""
+    """Idempotent: create every projection and summary table (and the indexes unless bulk
+    loading) and the timeline view. Needs the `events` table (gateway.eventlog.ensure_schema).
+
+    A database built by an older callgate gets what it lacks: new indexes, indexes whose
+    definition changed (rebuilt), and new summary tables, filled before they are used
+    (the lateness histogram only partly inside a caller's transaction: see
+    fill_new_summaries)."""
+    have = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
     for table in ALL_TABLES:
         conn.execute(table.create_sql())
-        if indexes:
-            for sql in table.index_sql():
-                conn.execute(sql)
+    if indexes:
+        create_indexes(conn)
     conn.execute(TIMELINE_SQL)
+    fill_new_summaries(conn, {t.name for t in SUMMARIES} - have)
 
 
 def create_indexes(conn: sqlite3.Connection) -> None:
-    """Indexes are built after a bulk load: one sort beats a million B-tree inserts."""
+    """Indexes are built after a bulk load: one sort beats a million B-tree inserts. An
+    index whose stored definition differs from the declared one is dropped and rebuilt."""
+    stored = dict(
+        conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+    )
     for table in ALL_TABLES:
-        for sql in table.index_sql():
-            conn.execute(sql)
+        for name, sql in table.index_definitions():
+            if name in stored and stored[name] != sql:
+                conn.execute(f'DROP INDEX "{name}"')
+            conn.execute(sql.replace(" INDEX ", " INDEX IF NOT EXISTS ", 1))
+
+
+def fill_new_summaries(conn: sqlite3.Connection, created: set[str]) -> None:
+    """Fill summary tables that were just created. hourly_concurrency must be complete
+    before it is read. The lateness histogram is filled completely in autocommit mode (a
+    transaction per chunk); inside a caller's transaction only one chunk, so the write lock
+    is not held for long: the canned query reads what is not summarised yet from the log,
+    and the projector summarises the rest batch by batch."""
+    if HOURLY_CONCURRENCY.name in created:
+        summaries.rebuild_concurrency(conn)
+    if LATENESS_HISTOGRAM.name in created:
+        summaries.reset_lateness(conn)
+        limit = summaries.LATENESS_CHUNK if conn.in_transaction else None
+        summaries.refresh_lateness(conn, max_events=limit)
+
+
+def refresh_summaries(conn: sqlite3.Connection, voice_ids: Iterable[str]) -> None:
+    """For the projector, after it replaced the rows of `voice_ids` in the same
+    transaction: recompute the hours those calls touch, summarise newly logged events."""
+    summaries.refresh_calls(conn, voice_ids)
+    summaries.refresh_lateness(conn, max_events=summaries.LATENESS_PER_BATCH)
 
 
 def create_staging(conn: sqlite3.Connection) -> None:
@@ -372,12 +489,16 @@ def drop_staging(conn: sqlite3.Connection) -> None:
 
 
 def swap_in_staging(conn: sqlite3.Connection) -> None:
-    """Replace the projections with their staging copies, then index them and restore the
-    timeline view. Call inside the transaction that makes the new tables visible."""
+    """Replace the projections with their staging copies, then index them, restore the
+    timeline view and recompute hourly_concurrency from the new calls. Call inside the
+    transaction that makes the new tables visible. (lateness_histogram is kept: the log
+    only grows, so it is extended, never recomputed; drop it to have it rebuilt.)"""
     drop_projections(conn)
     for table in PROJECTIONS:
         conn.execute(f'ALTER TABLE "{table.staging_name}" RENAME TO "{table.name}"')
     create_tables(conn)
+    summaries.rebuild_concurrency(conn)
+    summaries.refresh_lateness(conn, max_events=summaries.LATENESS_CHUNK)
 
 
 def drop_projections(conn: sqlite3.Connection) -> None:

@@ -33,7 +33,7 @@ OPERATOR_ONLY_TABLES = (
 )
 PUBLIC_TABLES = (
     "calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline", "timeline_marks",
-    "checkpoints",
+    "hourly_concurrency", "lateness_histogram", "checkpoints",
 )
 OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures")
 
