@@ -664,6 +664,37 @@ def _worker_main() -> int:
     return 0
 
 
+class _Checkpointer:
+    """Checkpoints the staging tables' pages from the WAL into the database file in a
+    thread, while the swap builds the indexes: SQLite releases the GIL in both, the
+    index build is CPU and the checkpoint mostly I/O, and a PASSIVE checkpoint never
+    waits for (nor blocks) a writer."""
+
+    def __init__(self, path: str) -> None:
+        self.thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+
+    @staticmethod
+    def _run(path: str) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass  # best effort: the final checkpoint (or the next commit) does it
+        finally:
+            conn.close()
+
+    def join(self) -> None:
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def __enter__(self) -> _Checkpointer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
+
+
 def rebuild(
     conn: sqlite3.Connection, progress: Progress | None = None, workers: int | None = None
 ) -> int:
@@ -688,7 +719,7 @@ def rebuild(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     saved: dict[tuple[int, str], tuple[sqlite3.Connection, Any]] = {}
-    for target, pragmas in ((reader, _BULK_PRAGMAS), (conn, _WRITE_PRAGMAS)):
+    for target, pragmas in ((reader, _BULK_PRAGMAS), (conn, _BULK_PRAGMAS | _WRITE_PRAGMAS)):
         for name, value in pragmas.items():
             current = target.execute(f"PRAGMA {name}").fetchone()
             if current is not None and (id(target), name) not in saved:
@@ -730,6 +761,7 @@ def rebuild(
             _set_checkpoint(conn, head)
 
         if staged:
+            checkpointer = stack.enter_context(_Checkpointer(path))
             conn.execute("BEGIN IMMEDIATE")
             try:
                 swap()
@@ -737,6 +769,10 @@ def rebuild(
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            checkpointer.join()
+            # The swap's own pages (new indexes, freed pages), now rather than in the
+            # commit of whichever webhook comes next.
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         else:
             swap()
             conn.execute("COMMIT")
