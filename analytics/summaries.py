@@ -142,40 +142,33 @@ def hourly_rows(
     them: a call is active from its start until its end, end excluded; an hour is listed
     when a call started in it or at least one call was active in it.
 
-    `spans` are (started_at, end) of calls (end = ended_at, else last_event_at; calls with
-    end <= start are never active). With `window` = (first, last) hour keys
-    ('YYYY-MM-DDTHH'), only those hours are computed and `spans` must hold every call
-    active at some moment of them; starts before the window are moved to its start and
-    ends after it dropped, which leaves the number of active calls inside it unchanged.
+    `spans` are (started_at, end) of calls (end = ended_at, else last_event_at; a call whose
+    end is not after its start is never active). With `window` = (first, last) hour keys
+    ('YYYY-MM-DDTHH'), only those hours are returned, and `spans` need only hold the calls
+    active at some moment of them: no other call changes how many are active in there.
     """
-    lo = hi = ""
-    if window is not None:
-        lo = window[0] + ":00:00.000Z"
-        hi = _next_hour(window[1]) + ":00:00.000Z"
-    deltas: Counter[str] = Counter()
+    deltas: dict[str, int] = {}
+    get = deltas.get
     for start, end in spans:
-        if end is None or not end > start:
+        if end is None or end <= start:
             continue
-        deltas[max(start, lo)] += 1
-        if not hi or end < hi:
-            deltas[end] -= 1
+        deltas[start] = get(start, 0) + 1
+        deltas[end] = get(end, 0) - 1
     peaks: dict[str, int] = {}
     times = sorted(deltas)
     level = 0
-    for i, moment in enumerate(times):
+    for moment, after in zip(times, times[1:], strict=False):  # the last is an end: level 0
         level += deltas[moment]
         if level <= 0:
             continue
-        # The level holds from this moment until the next one (or past the window).
+        # The level holds from this moment until the next one.
         key = moment[:13]
-        if i + 1 < len(times):
-            after = times[i + 1]
-            last = key if after[:13] == key else _hour_before(after)
-        else:
-            last = window[1] if window is not None else key
         if peaks.get(key, 0) < level:
             peaks[key] = level
-        while key < last:  # rare: the level lasts into later hours
+        if after.startswith(key):
+            continue
+        last = _hour_before(after)
+        while key < last:  # the level lasts into later hours
             key = _next_hour(key)
             if peaks.get(key, 0) < level:
                 peaks[key] = level
