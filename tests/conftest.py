@@ -1,4 +1,5 @@
-"""Shared fixtures: a temp database per test, the real Flask app, a real gunicorn server."""
+"""Shared fixtures: a temp database per test, the real Flask app, a real gunicorn server,
+and the corpus database served by a real Datasette."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -17,6 +19,9 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Config
 from tests.corpus import APP_ID
+
+if TYPE_CHECKING:  # imported lazily below: test_datasette_helpers imports this module
+    from tests.test_datasette_helpers import Built, Datasette
 
 REPO = Path(__file__).resolve().parent.parent
 CALLGATE = str(Path(sys.executable).parent / "callgate")
@@ -116,3 +121,21 @@ def server(db_path: str) -> Iterator[RunningServer]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def built() -> Built:
+    """The corpus database built through the real write path, with its reference model
+    (tests/test_datasette_helpers.py): built once per test run, read-only for the tests."""
+    from tests.test_datasette_helpers import corpus_build
+
+    return corpus_build()
+
+
+@pytest.fixture(scope="session")
+def ds(built: Built) -> Iterator[Datasette]:
+    """One real Datasette (started as `callgate datasette` would) serving the corpus
+    database, shared by the Datasette, permission and dashboard tests."""
+    from tests.test_datasette_helpers import running
+
+    yield from running(built.db)

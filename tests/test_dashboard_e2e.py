@@ -5,30 +5,17 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from analytics.datasette_app import METADATA_PATH, REPO_ROOT
-from tests.test_datasette_helpers import Built, Datasette, corpus_build, running
+from tests.test_datasette_helpers import Built, Datasette
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 README_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-dashboard.png"
-
-
-
-@pytest.fixture(scope="module")
-def built() -> Built:
-    return corpus_build()
-
-
-@pytest.fixture(scope="module")
-def ds(built: Built) -> Iterator[Datasette]:
-    yield from running(built.db)
 
 
 def charts() -> dict[str, dict]:  # type: ignore[type-arg]

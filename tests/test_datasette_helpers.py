@@ -338,7 +338,11 @@ def corpus_build() -> Built:
 
 
 class Datasette:
-    """`datasette serve` started from datasette_argv, as `callgate datasette` would."""
+    """`datasette serve` started from datasette_argv, as `callgate datasette` would.
+
+    Its output goes to a file next to the database, never to a pipe nobody reads (a full
+    pipe would stall the server mid-test).
+    """
 
     def __init__(self, db: str, token: str | None = OPERATOR_TOKEN) -> None:
         self.db = db
@@ -353,10 +357,10 @@ class Datasette:
 
     def start(self) -> Datasette:
         argv = datasette_argv(self.db, "127.0.0.1", self.port, env=self.env)
-        self.proc = subprocess.Popen(
-            argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        with open(f"{self.db}.datasette-{self.port}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
         wait_http(self.url + "/-/versions.json", timeout=30, proc=self.proc)
         return self
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,8 +18,6 @@ from tests.test_datasette_helpers import (
     OPERATOR_TOKEN,
     Built,
     Datasette,
-    corpus_build,
-    running,
 )
 
 OPERATOR_ONLY_TABLES = (
@@ -36,16 +33,6 @@ PUBLIC_TABLES = (
     "hourly_concurrency", "lateness_histogram", "checkpoints",
 )
 OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures")
-
-
-@pytest.fixture(scope="module")
-def built() -> Built:
-    return corpus_build()
-
-
-@pytest.fixture(scope="module")
-def ds(built: Built) -> Iterator[Datasette]:
-    yield from running(built.db)
 
 
 def metadata() -> dict:  # type: ignore[type-arg]

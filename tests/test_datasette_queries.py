@@ -7,7 +7,6 @@ import hashlib
 import json
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,10 +21,8 @@ from tests.test_datasette_helpers import (
     Datasette,
     RefCall,
     RefEvent,
-    corpus_build,
     nearest_rank,
     playstate_of,
-    running,
     state_of,
     utc_text,
 )
@@ -37,16 +34,6 @@ SPEECH_PLAYSTATES = {
     "speechtimeout": "timeout",
 }
 SPEECH_STATES = ("recognized", "unrecognized", "timeout")
-
-
-@pytest.fixture(scope="module")
-def built() -> Built:
-    return corpus_build()
-
-
-@pytest.fixture(scope="module")
-def ds(built: Built) -> Iterator[Datasette]:
-    yield from running(built.db)
 
 
 def approx(value: float) -> Any:
