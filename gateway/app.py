@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+import orjson
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway import eventlog, metrics
@@ -58,8 +59,8 @@ class Store:
 
 
 def _json(body: dict[str, Any], status: int, **headers: str) -> Response:
-    response = jsonify(body)
-    response.status_code = status
+    """A JSON answer, serialised with orjson: this runs for every webhook."""
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
     return response
@@ -78,6 +79,7 @@ def create_app(config: Config | None = None) -> Flask:
         if config.group_commit
         else None
     )
+    admitted = writer.admitted if writer is not None else contextlib.nullcontext
     app.extensions["callgate_store"] = store
     app.extensions["callgate_writer"] = writer
     eventlog.ensure_schema(store.conn())
@@ -99,15 +101,16 @@ def create_app(config: Config | None = None) -> Flask:
         body = _read_body(config.max_body)
         try:
             # Non-POST never gets here: refuse_other_methods keeps and answers it.
-            outcome = ingest_request(
-                store.conn(),
-                config,
-                headers,
-                body,
-                path=path,
-                remote_addr=request.remote_addr,
-                writer=writer,
-            )
+            with admitted():
+                outcome = ingest_request(
+                    store.conn(),
+                    config,
+                    headers,
+                    body,
+                    path=path,
+                    remote_addr=request.remote_addr,
+                    writer=writer,
+                )
         except sqlite3.Error as exc:
             return storage_failure(exc, started)
         return _answer(outcome, started)

@@ -207,23 +207,83 @@ def _head(conn: sqlite3.Connection) -> tuple[int, str]:
     return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
-def _insert(
-    conn: sqlite3.Connection, item: NewEvent, head: tuple[int, str], seen: dict[str, AppendResult]
-) -> tuple[AppendResult, tuple[int, str]]:
-    digest = content_hash(item.raw_obj)
-    if digest in seen:
-        original = seen[digest]
-        return AppendResult(original.seq, original.event_id, True), head
-    found = conn.execute(
-        "SELECT seq, event_id FROM events WHERE content_hash = ?", (digest,)
-    ).fetchone()
-    if found:
-        return AppendResult(found[0], found[1], True), head
-    seq = head[0] + 1
-    event = item.event
+_INSERT_SQL = (
+    "INSERT INTO events (seq, event_id, app_id, voice_id, broadcast_id, class, state, "
+    "occurred_at, received_at, payload, raw, content_hash, prev_hash, hash) "
+    "VALUES (:seq, :event_id, :app_id, :voice_id, :broadcast_id, :class, :state, "
+    ":occurred_at, :received_at, :payload, :raw, :content_hash, :prev_hash, :hash)"
+)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What can be computed before the write lock is taken: hashes and the payload text."""
+
+    item: NewEvent
+    digest: str
+    payload: str
+
+
+def _prepare(item: NewEvent) -> _Prepared:
+    return _Prepared(item, content_hash(item.raw_obj), canonical_json(item.event))
+
+
+def _logged(conn: sqlite3.Connection, digests: list[str]) -> dict[str, AppendResult]:
+    """Which of these content hashes the log already holds, in one query."""
+    found: dict[str, AppendResult] = {}
+    for start in range(0, len(digests), 500):
+        chunk = digests[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for digest, seq, event_id in conn.execute(
+            f"SELECT content_hash, seq, event_id FROM events WHERE content_hash IN ({marks})",
+            chunk,
+        ):
+            found[digest] = AppendResult(seq, event_id, True)
+    return found
+
+
+def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[AppendResult]:
+    """Append events in one transaction (one fsync); duplicates return the original seq.
+
+    Hashing and JSON happen before BEGIN, and the transaction makes a fixed number
+    of SQLite calls whatever the batch size: each call releases the GIL, and a
+    writer thread that must win it back once per row starves behind request threads.
+    Returns only after COMMIT: the caller may acknowledge every result then.
+    """
+    prepared = [_prepare(item) for item in items]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        seq, prev = _head(conn)
+        seen = _logged(conn, [p.digest for p in prepared])
+        results: list[AppendResult] = []
+        rows: list[dict[str, Any]] = []
+        for p in prepared:
+            if p.digest in seen:
+                original = seen[p.digest]
+                results.append(AppendResult(original.seq, original.event_id, True))
+                continue
+            seq += 1
+            row = _row(p, seq, prev)
+            prev = row["hash"]
+            rows.append(row)
+            result = AppendResult(seq, row["event_id"], False)
+            seen[p.digest] = result
+            results.append(result)
+        if rows:
+            conn.executemany(_INSERT_SQL, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
+    event, item = prepared.item.event, prepared.item
     row = {
         "seq": seq,
-        "event_id": "ev_" + digest[:24],
+        "event_id": "ev_" + prepared.digest[:24],
         "app_id": item.app_label,
         "voice_id": event.get("voice_id"),
         "broadcast_id": event.get("broadcast_id"),
@@ -231,43 +291,13 @@ def _insert(
         "state": event.get("state"),
         "occurred_at": event["occurred_at"],
         "received_at": item.received_at,
-        "payload": canonical_json(event),
+        "payload": prepared.payload,
         "raw": item.raw_text,
-        "content_hash": digest,
+        "content_hash": prepared.digest,
     }
-    row["prev_hash"] = head[1]
-    row["hash"] = row_hash(head[1], row)
-    conn.execute(
-        "INSERT INTO events (seq, event_id, app_id, voice_id, broadcast_id, class, state, "
-        "occurred_at, received_at, payload, raw, content_hash, prev_hash, hash) "
-        "VALUES (:seq, :event_id, :app_id, :voice_id, :broadcast_id, :class, :state, "
-        ":occurred_at, :received_at, :payload, :raw, :content_hash, :prev_hash, :hash)",
-        row,
-    )
-    result = AppendResult(seq, row["event_id"], False)
-    seen[digest] = result
-    return result, (seq, row["hash"])
-
-
-def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[AppendResult]:
-    """Append events in one transaction (one fsync); duplicates return the original seq.
-
-    Returns only after COMMIT: the caller may acknowledge every result then.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        head = _head(conn)
-        seen: dict[str, AppendResult] = {}
-        results = []
-        for item in items:
-            result, head = _insert(conn, item, head, seen)
-            results.append(result)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return results
+    row["prev_hash"] = prev_hash
+    row["hash"] = row_hash(prev_hash, row)
+    return row
 
 
 def append(conn: sqlite3.Connection, item: NewEvent) -> AppendResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,8 +40,16 @@ LATENCY = Histogram(
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+_CHILDREN: dict[tuple[str, str], Any] = {}
+
+
 def observe(outcome: str, error: str, seconds: float) -> None:
-    REQUESTS.labels(outcome=outcome, error=error).inc()
+    """Count one answered webhook; label children are cached (labels() locks and allocates)."""
+    child = _CHILDREN.get((outcome, error))
+    if child is None:
+        child = REQUESTS.labels(outcome=outcome, error=error)
+        _CHILDREN[(outcome, error)] = child
+    child.inc()
     if outcome == "duplicate":
         DUPLICATES.inc()
     LATENCY.observe(seconds)

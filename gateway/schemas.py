@@ -65,6 +65,8 @@ TEXT_FIELDS = (
     "description",
 )
 
+_TEXT_FIELD_SET = frozenset(TEXT_FIELDS)
+
 _TS = re.compile(
     r"^\s*(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})"
     r"(?::(\d{2})(?:[.,](\d+))?)?"
@@ -288,11 +290,13 @@ class EventSchema(Schema):
             ),
             "extra_text": {
                 key: value
-                for key in TEXT_FIELDS
-                if (value := scalar_text(raw.get(key))) is not None
+                for key, raw_value in raw.items()
+                if key in _TEXT_FIELD_SET and (value := scalar_text(raw_value)) is not None
             },
         }
-        return folded
+        # Absent values are left to the fields' load_default, so marshmallow only
+        # deserialises what the event carries (a handful of its fifteen fields).
+        return {key: value for key, value in folded.items() if value is not None}
 
     @post_load
     def finish(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
