@@ -6,7 +6,9 @@ canned query of metadata.yml (`databases.*.queries`, plus the SQL of datasette-d
 charts) the way Datasette would: a read-only connection with default cache, parameters
 passed as strings. It prints, per query, the median of 3 runs in ms, the row count and the
 EXPLAIN QUERY PLAN lines that scan a whole table or sort through a temporary B-tree, and
-flags every query over the budget (200 ms). Figures only: nothing is asserted.
+flags every query over the budget (200 ms). It says what it ran on (nproc, CPU, SQLite)
+and the load average when timing starts and ends: other work on the machine inflates
+every figure. Figures only: nothing is asserted.
 
     .venv/bin/python bench/queries.py [--db bench/out/queries.db] [--events 1000000]
                                       [--no-rebuild] [--time-limit 5]
@@ -16,6 +18,7 @@ flags every query over the budget (200 ms). Figures only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sqlite3
 import statistics
@@ -72,6 +75,24 @@ def ensure_log(db: Path, events: int) -> str:
     started = time.perf_counter()
     written = replay.generate(str(db), events)
     return f"generated {written:,} events in {time.perf_counter() - started:.1f} s -> {db}"
+
+
+def machine() -> str:
+    """What the figures were measured on (bench/ingest.py's description, if importable)."""
+    try:
+        from ingest import machine as describe
+    except ImportError:  # pragma: no cover
+        return f"nproc={os.cpu_count()} {load_average()}"
+    return describe()
+
+
+def load_average() -> str:
+    """Other benchmarks on the machine inflate every figure; say how busy it was."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "loadavg=unknown"
+    return f"loadavg={one:.2f}/{five:.2f}/{fifteen:.2f}"
 
 
 def rebuild(db: Path) -> str:
@@ -299,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
 
+    print(f"{machine()} sqlite={sqlite3.sqlite_version}")
     print(ensure_log(db, args.events))
     print(prepare(db))
     print("projections kept as they are" if args.no_rebuild else rebuild(db))
@@ -317,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     calls = conn.execute("SELECT count(*) FROM calls").fetchone()[0] if _has(conn, "calls") else 0
     events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     print(f"database: {events:,} events, {calls:,} calls; {len(queries)} queries from {metadata}")
+    print(f"timing starts: {load_average()}")
     values = ParamValues(conn, overrides)
     slow: list[str] = []
     failed: list[str] = []
+    slowest = (0.0, "")
     for query in queries:
         for label, sql in variants(query):
             names = sorted(set(PARAM_RE.findall(sql)))
@@ -336,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(label)
                 print(f"\n{label} ({query.source}): ERROR {exc}")
                 continue
+            slowest = max(slowest, (ms, label))
             flag = "  ** OVER 200 ms **" if ms > BUDGET_MS else ""
             if flag:
                 slow.append(f"{label} {ms:.0f} ms")
@@ -347,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {line}")
     conn.close()
     print()
+    print(f"timing ends: {load_average()}")
     if values.unknown:
         print(f"no sensible value known for: {', '.join(sorted(values.unknown))} (sent '';"
               " use --param)")  # fmt: skip
+    print(f"slowest: {slowest[1]} {slowest[0]:.1f} ms")
     print(f"over {BUDGET_MS:.0f} ms: {len(slow)}" + (f" ({'; '.join(slow)})" if slow else ""))
     if failed:
         print(f"failed: {len(failed)} ({', '.join(failed)})")
