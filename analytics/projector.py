@@ -512,12 +512,16 @@ def _split_points(reader: sqlite3.Connection, parts: int) -> list[str]:
 
 def _worker_count(workers: int | None, n_events: int) -> int:
     """Processes to fold calls in: `workers` if given, else one per CPU (at most
-    _MAX_WORKERS) for logs big enough to pay for starting them."""
+    _MAX_WORKERS) for logs big enough to pay for starting them. POSIX only (the workers'
+    pipes are multiplexed with selectors)."""
+    if os.name != "posix":
+        return 1
     if workers is not None:
         return max(1, workers)
     if n_events < _PARALLEL_MIN_EVENTS:
         return 1
-    return max(1, min(_MAX_WORKERS, os.cpu_count() or 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_MAX_WORKERS, cpus or 1))
 
 
 class _Workers:
