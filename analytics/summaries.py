@@ -60,16 +60,27 @@ _SET_CHECKPOINT = (
 
 
 @contextmanager
-def _atomic(conn: sqlite3.Connection, name: str) -> Iterator[None]:
-    """A savepoint: its own transaction in autocommit mode, nested inside the caller's."""
-    conn.execute(f"SAVEPOINT {name}")
+def _write(conn: sqlite3.Connection, name: str) -> Iterator[None]:
+    """Read and write one state no other writer can change meanwhile: inside the caller's
+    transaction (the projector's and a rebuild's are IMMEDIATE) a savepoint, in autocommit
+    mode a BEGIN IMMEDIATE of our own (Datasette's start may race a running projector)."""
+    if conn.in_transaction:
+        conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            conn.execute(f"ROLLBACK TO {name}")
+            conn.execute(f"RELEASE {name}")
+            raise
+        conn.execute(f"RELEASE {name}")
+        return
+    conn.execute("BEGIN IMMEDIATE")
     try:
         yield
     except BaseException:
-        conn.execute(f"ROLLBACK TO {name}")
-        conn.execute(f"RELEASE {name}")
+        conn.execute("ROLLBACK")
         raise
-    conn.execute(f"RELEASE {name}")
+    conn.execute("COMMIT")
 
 
 # --------------------------------------------------------------------------- lateness
@@ -85,18 +96,20 @@ def lateness_checkpoint(conn: sqlite3.Connection) -> int:
 
 def refresh_lateness(conn: sqlite3.Connection, max_events: int | None = None) -> int:
     """Summarise the events logged since the last run, LATENESS_CHUNK at a time (each chunk
-    and its checkpoint in one savepoint). Returns the new checkpoint."""
-    done = lateness_checkpoint(conn)
-    head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
-    if max_events is not None:
-        head = min(head, done + max_events)
-    while done < head:
-        upto = min(head, done + LATENESS_CHUNK)
-        with _atomic(conn, "lateness"):
+    and its checkpoint in one transaction), at most `max_events`. Returns the checkpoint."""
+    budget = max_events
+    while True:
+        with _write(conn, "lateness"):
+            done = lateness_checkpoint(conn)
+            head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            step = LATENESS_CHUNK if budget is None else min(LATENESS_CHUNK, budget)
+            upto = min(head, done + step)
+            if upto <= done:
+                return done
             conn.execute(_SUMMARISE_LATENESS, (done, upto))
             conn.execute(_SET_CHECKPOINT, (LATENESS_CHECKPOINT, upto))
-        done = upto
-    return done
+        if budget is not None:
+            budget -= upto - done
 
 
 def reset_lateness(conn: sqlite3.Connection) -> None:
@@ -181,9 +194,9 @@ def hourly_rows(
 
 def rebuild_concurrency(conn: sqlite3.Connection) -> None:
     """Recompute hourly_concurrency from every call (after a rebuild swapped calls in)."""
-    spans = conn.execute(_ALL_CALLS).fetchall()
-    rows = hourly_rows(spans, (start for start, _ in spans))
-    with _atomic(conn, "concurrency"):
+    with _write(conn, "concurrency"):
+        spans = conn.execute(_ALL_CALLS).fetchall()
+        rows = hourly_rows(spans, (start for start, _ in spans))
         conn.execute(f'DELETE FROM "{CONCURRENCY}"')
         conn.executemany(_INSERT_HOUR, rows)
 
@@ -198,31 +211,30 @@ def refresh_calls(conn: sqlite3.Connection, voice_ids: Iterable[str]) -> None:
     ids = list(voice_ids)
     if not ids:
         return
-    first = last = None
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ", ".join("?" for _ in chunk)
-        row = conn.execute(
-            "SELECT min(started_at), max(max(coalesce(last_event_at, started_at), "
-            f"coalesce(ended_at, started_at))) FROM calls WHERE voice_id IN ({marks}) "
-            "AND started_at IS NOT NULL",
-            chunk,
-        ).fetchone()
-        if row[0] is None:
-            continue
-        first = row[0] if first is None else min(first, row[0])
-        last = row[1] if last is None else max(last, row[1])
-    if first is None or last is None:
-        return
-    window = (first[:13], last[:13])
-    lo = window[0] + ":00:00.000Z"
-    hi = _next_hour(window[1]) + ":00:00.000Z"
-    spans = conn.execute(_ACTIVE_IN, (lo, hi)).fetchall()
-    starts = [row[0] for row in conn.execute(_STARTED_IN, (lo, hi))]
-    rows = hourly_rows(spans, starts, window)
-    with _atomic(conn, "concurrency"):
+    with _write(conn, "concurrency"):
+        first = last = None
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            row = conn.execute(
+                "SELECT min(started_at), max(max(coalesce(last_event_at, started_at), "
+                f"coalesce(ended_at, started_at))) FROM calls WHERE voice_id IN ({marks}) "
+                "AND started_at IS NOT NULL",
+                chunk,
+            ).fetchone()
+            if row[0] is None:
+                continue
+            first = row[0] if first is None else min(first, row[0])
+            last = row[1] if last is None else max(last, row[1])
+        if first is None or last is None:
+            return
+        window = (first[:13], last[:13])
+        lo = window[0] + ":00:00.000Z"
+        hi = _next_hour(window[1]) + ":00:00.000Z"
+        spans = conn.execute(_ACTIVE_IN, (lo, hi)).fetchall()
+        starts = [row[0] for row in conn.execute(_STARTED_IN, (lo, hi))]
         conn.execute(
             f'DELETE FROM "{CONCURRENCY}" WHERE hour >= ? AND hour <= ?',
             (window[0] + ":00:00Z", window[1] + ":00:00Z"),
         )
-        conn.executemany(_INSERT_HOUR, rows)
+        conn.executemany(_INSERT_HOUR, hourly_rows(spans, starts, window))
