@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load
 
 VOICE_ID_KEYS = ("voice_id", "voice_Id", "voiceId", "VoiceId")
 BROADCAST_ID_KEYS = ("broadcast_id", "broadcastId")
@@ -249,7 +249,8 @@ class EventSchema(Schema):
     broadcast_successful = fields.Integer(load_default=None, allow_none=True, strict=False)
     broadcast_failed = fields.Integer(load_default=None, allow_none=True, strict=False)
     broadcast_call_info = fields.List(fields.Dict(), load_default=None, allow_none=True)
-    extra_text = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+    # Keys come from TEXT_FIELDS, so only the values need checking.
+    extra_text = fields.Dict(values=fields.String(), load_default=dict)
 
     @pre_load
     def fold_aliases(self, raw: Mapping[str, Any], **_: Any) -> dict[str, Any]:
@@ -298,10 +299,6 @@ class EventSchema(Schema):
         # deserialises what the event carries (a handful of its fifteen fields).
         return {key: value for key, value in folded.items() if value is not None}
 
-    @post_load
-    def finish(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        return data
-
 
 _SCHEMA = EventSchema()
 
@@ -315,12 +312,15 @@ def normalise(raw: Any, received_at: str, connected_before: bool = False) -> dic
     if not isinstance(raw, Mapping):
         raise EventError("bad_event", "the decrypted event is not a JSON object")
     try:
-        data = _SCHEMA.load(raw)
+        # partial=True: fields the event does not carry are skipped rather than
+        # filled with their defaults one by one (absent reads as None below).
+        loaded = _SCHEMA.load(raw, partial=True)
     except ValidationError as exc:  # the folded shape is built to validate; keep it a 4xx
         raise EventError("bad_event", f"event failed validation: {exc.messages}") from exc
+    data = dict.fromkeys(_SCHEMA.fields, None) | loaded
     if data["voice_id"] is None and data["broadcast_id"] is None:
         raise EventError("missing_voice_id", "the event has no voice_id and no broadcast_id")
-    extra = data.pop("extra_text")
+    extra = data.pop("extra_text") or {}
     state, playstate, recordstate = data["state"], data["playstate"], data["recordstate"]
     cls = classify(
         state,
