@@ -18,7 +18,6 @@ every figure. Figures only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sqlite3
 import statistics
@@ -35,6 +34,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
+
+# One description of the machine for every benchmark.
+from ingest import load_average, machine  # noqa: E402
 
 BUDGET_MS = 200.0
 RUNS = 3
@@ -75,24 +77,6 @@ def ensure_log(db: Path, events: int) -> str:
     started = time.perf_counter()
     written = replay.generate(str(db), events)
     return f"generated {written:,} events in {time.perf_counter() - started:.1f} s -> {db}"
-
-
-def machine() -> str:
-    """What the figures were measured on (bench/ingest.py's description, if importable)."""
-    try:
-        from ingest import machine as describe
-    except ImportError:  # pragma: no cover
-        return f"nproc={os.cpu_count()} {load_average()}"
-    return describe()
-
-
-def load_average() -> str:
-    """Other benchmarks on the machine inflate every figure; say how busy it was."""
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "loadavg=unknown"
-    return f"loadavg={one:.2f}/{five:.2f}/{fifteen:.2f}"
 
 
 def rebuild(db: Path) -> str:
