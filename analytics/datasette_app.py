@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METADATA_PATH = REPO_ROOT / "metadata.yml"
+# A symlink to the repository's metadata.yml, so a wheel ships the same file.
+METADATA_PATH = Path(__file__).resolve().parent / "metadata.yml"
 PLUGINS_DIR = Path(__file__).resolve().parent / "datasette_plugins"
 METADATA_DB_NAME = "callgate"
 TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
