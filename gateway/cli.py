@@ -33,13 +33,46 @@ def main() -> None:
 @click.option("--workers", default=2, show_default=True, type=int, help="Worker processes.")
 @click.option("--threads", default=8, show_default=True, type=int, help="Threads per worker.")
 @click.option("--access-log/--no-access-log", default=False, help="gunicorn access log.")
-def serve(db: str, host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
+@click.option(
+    "--idle-timeout",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds a new or kept-alive connection may stay silent before it is closed.",
+)
+@click.option(
+    "--read-timeout",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a whole request (headers and body) may take to arrive.",
+)
+def serve(
+    db: str,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    access_log: bool,
+    idle_timeout: int,
+    read_timeout: float,
+) -> None:
     """Serve the webhook gateway under gunicorn (POST /webhooks/enablex)."""
     from gateway.server import ServeOptions
     from gateway.server import serve as run_server
 
     run_server(
-        ServeOptions(host=host, port=port, workers=workers, threads=threads, access_log=access_log),
+        ServeOptions(
+            host=host,
+            port=port,
+            workers=workers,
+            threads=threads,
+            access_log=access_log,
+            # One value for both: the worker expires them from one FIFO sweep.
+            keepalive=idle_timeout,
+            first_byte_timeout=float(idle_timeout),
+            read_timeout=read_timeout,
+        ),
         db,
     )
 

@@ -22,7 +22,7 @@ from contextlib import ExitStack, closing
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, server_env
 
 ENABLEX_PATIENCE = 5.0  # seconds EnableX waits for an answer
 HEAD = b"POST /webhooks/enablex HTTP/1.1\r\nHost: callgate\r\nContent-Type: application/json\r\n"
@@ -120,3 +120,36 @@ def test_many_slow_connections_do_not_stall_ordinary_webhooks(server: RunningSer
         pass
     assert_served(normal_traffic(server.url, 5, "after-" + case.split()[0]), "after " + case)
     assert_served(results, f"{count} slow connections ({case})")
+
+
+def _closed_after(port: int, payload: bytes, limit: float) -> float | None:
+    """Seconds until the server hangs up on a connection that sent only `payload`."""
+    started = time.monotonic()
+    with closing(socket.create_connection(("127.0.0.1", port), timeout=limit)) as sock:
+        if payload:
+            sock.sendall(payload)
+        try:
+            while sock.recv(4096):
+                pass
+        except TimeoutError:
+            return None
+    return time.monotonic() - started
+
+
+def test_serve_deadlines_are_set_from_the_command_line(db_path: str) -> None:
+    """`--idle-timeout 1 --read-timeout 1`: both kinds of stalled connection go early.
+
+    The idle sweep runs about once a second, so a silent connection goes within ~2 s
+    (default: 5 s); a half-sent request is cut at its 1 s read deadline (default: 3 s).
+    """
+    running = RunningServer(
+        db_path, server_env(), args=("--idle-timeout", "1", "--read-timeout", "1")
+    ).start()
+    try:
+        silent = _closed_after(running.port, b"", limit=4.5)
+        half_sent = _closed_after(running.port, HEAD, limit=4.5)
+        assert silent is not None and silent < 3.5, silent
+        assert half_sent is not None and half_sent < 2.5, half_sent
+        assert_served(normal_traffic(running.url, 5, "deadlines"), "after both were closed")
+    finally:
+        running.stop()
