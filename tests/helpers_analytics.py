@@ -94,7 +94,10 @@ def open_log(path: str, synchronous: str = "OFF") -> sqlite3.Connection:
 
 
 def new_event(
-    raw: dict[str, Any], received_at: str = RECEIVED_AT, conn: sqlite3.Connection | None = None
+    raw: dict[str, Any],
+    received_at: str = RECEIVED_AT,
+    conn: sqlite3.Connection | None = None,
+    app_label: str = "test",
 ) -> eventlog.NewEvent:
     """As the gateway logs it: with `conn`, its arrival-time guess at bridge legs applied."""
     event = schemas.normalise(raw, received_at)
@@ -104,19 +107,22 @@ def new_event(
         event=event,
         raw_text=json.dumps(raw),
         raw_obj=raw,
-        app_label="test",
+        app_label=app_label,
         received_at=received_at,
     )
 
 
 def append_all(
-    conn: sqlite3.Connection, raw_events: Iterable[dict[str, Any]], batch: int = 500
+    conn: sqlite3.Connection,
+    raw_events: Iterable[dict[str, Any]],
+    batch: int = 500,
+    app_label: str = "test",
 ) -> list[eventlog.AppendResult]:
     """Append raw events in arrival order through the real log (dedup, hash chain)."""
     results: list[eventlog.AppendResult] = []
     pending: list[eventlog.NewEvent] = []
     for raw in raw_events:
-        pending.append(new_event(raw, conn=conn))
+        pending.append(new_event(raw, conn=conn, app_label=app_label))
         if len(pending) >= batch:
             results.extend(eventlog.append_batch(conn, pending))
             pending = []

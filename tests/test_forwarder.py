@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from gateway import eventlog, forwarder
 from gateway.cli import main as cli
-from gateway.schemas import normalise
 from gateway.subscriptions import event_type, generate_secret, matches, normalise_patterns
+from tests.helpers_analytics import append_all
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = sorted((REPO / "tests/fixtures/enablex/corpus/flows").glob("*.json"))
@@ -42,12 +42,7 @@ def append_raw(db: str, raws: list[dict[str, Any]]) -> int:
     """Normalise raw EnableX events and append them, as the gateway would; returns the head."""
     conn = eventlog.connect(db)
     eventlog.ensure_schema(conn)
-    received = "2024-06-01T00:00:00.000Z"
-    items = [
-        eventlog.NewEvent(normalise(raw, received), json.dumps(raw), raw, "app-test", received)
-        for raw in raws
-    ]
-    eventlog.append_batch(conn, items)
+    append_all(conn, raws, app_label="app-test")
     head = eventlog.head(conn)[0]
     conn.close()
     return head
