@@ -35,6 +35,11 @@ from werkzeug.exceptions import RequestTimeout
 
 DEFAULT_FIRST_BYTE_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 3.0
+# How long a worker with a connection per thread waits before taking another one,
+# and at most how much of each second it spends so (a connection flood must not turn
+# the courtesy into a stalled event loop).
+ACCEPT_YIELD_SECONDS = 0.001
+ACCEPT_YIELD_BUDGET = 0.05
 
 
 class HeadersTimedOut(NoMoreData):
@@ -116,7 +121,15 @@ class CallgateThreadWorker(ThreadWorker):  # type: ignore[misc]
     read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def accept(self, server: Any, listener: socket.socket) -> None:
-        """As stock, but the new connection must send a byte within `first_byte_timeout`."""
+        """As stock, but the new connection must send a byte within `first_byte_timeout`,
+        and a worker that already has a connection per thread lets a less busy one go first.
+
+        Every worker polls the one shared listening socket, and whichever wakes first
+        takes the connection; senders that keep connections alive (EnableX does) would
+        otherwise often pile onto one worker, leaving it saturated and the other idle.
+        """
+        if self._may_yield():
+            time.sleep(ACCEPT_YIELD_SECONDS)
         try:
             sock, client = listener.accept()
         except OSError as exc:
@@ -131,6 +144,19 @@ class CallgateThreadWorker(ThreadWorker):  # type: ignore[misc]
             self._keep.append(conn)
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self.on_client_socket_readable, conn))
+
+    def _may_yield(self) -> bool:
+        """Whether to let other workers take the pending connection first (budgeted)."""
+        if self.nr_conns < self.cfg.threads:
+            return False
+        now = time.monotonic()
+        window, spent = getattr(self, "_yield_window", (0.0, 0.0))
+        if now - window >= 1.0:
+            window, spent = now, 0.0
+        if spent >= ACCEPT_YIELD_BUDGET:
+            return False
+        self._yield_window = (window, spent + ACCEPT_YIELD_SECONDS)
+        return True
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
         """A new connection spoke in time: take it off the first-byte sweep."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -12,8 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
 
-from gateway.worker import BodyTimedOut, DeadlineReader, HeadersTimedOut
+import gateway.worker
+from gateway.worker import (
+    BodyTimedOut,
+    CallgateThreadWorker,
+    DeadlineReader,
+    HeadersTimedOut,
+)
 from tests.conftest import server_env
 
 
@@ -113,3 +124,55 @@ def test_silent_connections_are_reaped_so_the_cap_cannot_wedge(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _worker(threads: int) -> CallgateThreadWorker:
+    """A real worker object, set up as `init_process` would, without forking or serving."""
+    cfg = Config()
+    cfg.set("threads", threads)
+    worker = CallgateThreadWorker(1, os.getpid(), [], None, 30, cfg, Logger(cfg))
+    worker.poller = selectors.DefaultSelector()
+    worker._lock = threading.RLock()
+    return worker
+
+
+def test_a_worker_with_a_connection_per_thread_lets_an_idle_one_accept_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both workers poll one listening socket and are woken for the same connection:
+    the one already holding a connection per thread waits, so the idle one gets it.
+    Without this, keep-alive senders pile onto whichever worker woke first.
+    The wait is lengthened so a loaded test machine cannot reorder the two."""
+    monkeypatch.setattr(gateway.worker, "ACCEPT_YIELD_SECONDS", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    busy, idle = _worker(threads=2), _worker(threads=2)
+    busy.nr_conns = 2
+    with closing(listener), closing(socket.create_connection(listener.getsockname())):
+        time.sleep(0.05)  # the connection is waiting in the backlog
+        contender = threading.Thread(target=busy.accept, args=(None, listener))
+        contender.start()  # woken first, but waits ACCEPT_YIELD_SECONDS
+        time.sleep(0.05)
+        idle.accept(None, listener)
+        contender.join()
+        assert (idle.nr_conns, busy.nr_conns) == (1, 2)
+        for worker in (busy, idle):
+            for conn in list(worker._keep):
+                conn.sock.close()
+            worker.poller.close()
+
+
+def test_yielding_to_other_workers_is_budgeted_per_second() -> None:
+    """A flood of new connections must not keep a loaded worker's event loop asleep:
+    it yields for at most ACCEPT_YIELD_BUDGET of each second, then accepts at once."""
+    worker = _worker(threads=2)
+    worker.nr_conns = 2
+    yields = 0
+    while worker._may_yield():
+        yields += 1
+        assert yields < 10_000
+    allowed = gateway.worker.ACCEPT_YIELD_BUDGET / gateway.worker.ACCEPT_YIELD_SECONDS
+    assert yields == pytest.approx(allowed, abs=1)
+    worker.nr_conns = 1
+    assert not worker._may_yield()  # below a connection per thread: never waits
+    worker.poller.close()
