@@ -47,6 +47,13 @@ def main() -> None:
     type=click.FloatRange(min=0.1),
     help="Seconds a whole request (headers and body) may take to arrive.",
 )
+@click.option(
+    "--cpu-affinity/--no-cpu-affinity",
+    default=True,
+    show_default=True,
+    help="Pin each worker process to its own CPU (turn off when the host's CPUs are "
+    "shared with other busy services).",
+)
 def serve(
     db: str,
     host: str,
@@ -56,6 +63,7 @@ def serve(
     access_log: bool,
     idle_timeout: int,
     read_timeout: float,
+    cpu_affinity: bool,
 ) -> None:
     """Serve the webhook gateway under gunicorn (POST /webhooks/enablex)."""
     from gateway.server import ServeOptions
@@ -72,6 +80,7 @@ def serve(
             keepalive=idle_timeout,
             first_byte_timeout=float(idle_timeout),
             read_timeout=read_timeout,
+            cpu_affinity=cpu_affinity,
         ),
         db,
     )

@@ -64,6 +64,8 @@ class ServeOptions:
     worker_connections: int = 1000
     max_requests: int = 0
     access_log: bool = False
+    # Pin each worker process to its own CPU (round robin when there are more workers).
+    cpu_affinity: bool = True
 
 
 def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
@@ -91,7 +93,36 @@ def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
         "logger_class": RedactingLogger,
         "child_exit": _child_exit,
         "post_worker_init": _deadline_setter(options),
+        "pre_fork": _choose_cpu if options.cpu_affinity else None,
+        "post_fork": _pin_to_cpu if options.cpu_affinity else None,
     }
+
+
+def _choose_cpu(server: Any, worker: Any) -> None:
+    """In the master, before fork: the allowed CPU with the fewest live workers.
+
+    Why pin: on virtual machines a switch between processes costs far more than
+    one between threads of a process (measured on the development VM: a request
+    that blocks once for its group commit costs ~100 µs more CPU when another
+    process runs meanwhile). A worker alone on its CPU mostly switches between
+    its own threads, and its caches stay warm. A restarted worker takes the CPU
+    its predecessor left free.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        worker.cpu = None
+        return
+    taken = [getattr(other, "cpu", None) for other in server.WORKERS.values()]
+    worker.cpu = min(cpus, key=lambda cpu: (taken.count(cpu), cpu))
+
+
+def _pin_to_cpu(server: Any, worker: Any) -> None:
+    """In the new worker, before its threads exist (they inherit the affinity)."""
+    if getattr(worker, "cpu", None) is not None:
+        try:
+            os.sched_setaffinity(0, {worker.cpu})
+        except OSError as exc:  # e.g. a cpuset changed under us: run unpinned
+            server.log.warning("could not pin worker %s to CPU %s: %s", worker.pid, worker.cpu, exc)
 
 
 def _deadline_setter(options: ServeOptions) -> Any:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
+import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
+from tests.conftest import RunningServer, server_env
 from tests.corpus import cases, flows
 
 
@@ -54,3 +60,53 @@ def test_concurrent_clients_get_one_row_per_unique_event(server, db_path) -> Non
     unique = sum(flow.expect["unique_events"] for flow in flows())
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == unique
+
+
+def _worker_masks(server: RunningServer, expect: int = 2) -> dict[int, set[int]]:
+    """Worker pid → CPU affinity, once `expect` workers exist and have run `post_fork`
+    (a just-forked worker briefly shows the master's mask)."""
+    assert server.proc is not None
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    settled, deadline = time.monotonic() + 1.0, time.monotonic() + 20
+    while True:
+        masks = {}
+        for pid in map(int, children.read_text().split()):
+            with contextlib.suppress(OSError):
+                masks[pid] = os.sched_getaffinity(pid)
+        if len(masks) == expect and time.monotonic() > settled:
+            return masks
+        assert time.monotonic() < deadline, f"expected {expect} workers, found {masks}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2
+    or not Path("/proc/self/task").exists(),
+    reason="needs Linux and at least two CPUs",
+)
+@pytest.mark.parametrize("pinned", [True, False])
+def test_workers_are_pinned_each_to_its_own_cpu(db_path: str, pinned: bool) -> None:
+    """Default: one CPU per worker, different ones; --no-cpu-affinity leaves them free.
+    A worker killed and respawned takes the CPU its predecessor left."""
+    allowed = os.sched_getaffinity(0)
+    args = () if pinned else ("--no-cpu-affinity",)
+    server = RunningServer(db_path, server_env(), workers=2, args=args).start()
+    try:
+        masks = _worker_masks(server)
+        if not pinned:
+            assert list(masks.values()) == [allowed, allowed]
+            return
+        assert all(len(mask) == 1 for mask in masks.values())
+        assert len({frozenset(mask) for mask in masks.values()}) == 2
+        victim = min(masks)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while set(_worker_masks(server)) - set(masks) == set():
+            assert time.monotonic() < deadline, "gunicorn did not replace the killed worker"
+            time.sleep(0.1)
+        after = _worker_masks(server)
+        (respawned,) = set(after) - set(masks)
+        assert after[respawned] == masks[victim]
+        assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        server.stop()
