@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import sqlite_utils
 from gateway.schemas import format_utc
 
 GENESIS_HASH = "0" * 64
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BODY_CAP = 64 * 1024
 HASHED_COLUMNS = (
     "seq",
@@ -164,7 +165,15 @@ def _migrate_1(conn: sqlite3.Connection) -> None:
     db["rejections"].create_index(["resolved_at"])
 
 
-MIGRATIONS = {1: _migrate_1}
+def _migrate_2(conn: sqlite3.Connection) -> None:
+    """Drop event_id's unique index: event_id is `ev_` + a prefix of content_hash, whose
+    unique index already keeps it unique (short of a 96-bit prefix collision), and its
+    random inserts cost the group-commit writer ~4 % of ingest throughput
+    (bench/ingest.py: B/A 0.474 -> 0.494). Lookups go through `event_id_match`."""
+    conn.execute("DROP INDEX IF EXISTS idx_events_event_id")
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -302,6 +311,30 @@ def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
 
 def append(conn: sqlite3.Connection, item: NewEvent) -> AppendResult:
     return append_batch(conn, [item])[0]
+
+
+_EVENT_ID = re.compile(r"ev_[0-9a-f]{24}")
+
+
+def event_id_match(event_ids: Sequence[str], table: str = "events") -> tuple[str, list[str]]:
+    """A WHERE clause for these event ids that uses the content_hash index.
+
+    `event_id` has no index of its own (see `_migrate_2`); being `ev_` + the first 24
+    hex digits of content_hash, each id is a range of that index. Ids of another
+    shape match nothing.
+    """
+    parts: list[str] = []
+    params: list[str] = []
+    for event_id in event_ids:
+        if _EVENT_ID.fullmatch(event_id):
+            digits = event_id[3:]
+            # Hex digits sort below "g": [digits, digits + "g") is exactly the prefix.
+            parts.append(
+                f"({table}.content_hash >= ? AND {table}.content_hash < ? "
+                f"AND {table}.event_id = ?)"
+            )
+            params += [digits, digits + "g", event_id]
+    return ("(" + " OR ".join(parts) + ")" if parts else "0"), params
 
 
 def connected_before(conn: sqlite3.Connection, voice_id: str, occurred_at: str) -> bool:

@@ -908,8 +908,9 @@ def redeliver(
             )
     where, params = ["1 = 1"], []
     if event_ids:
-        where.append(f"e.event_id IN ({','.join('?' * len(event_ids))})")
-        params += list(event_ids)
+        clause, ids = eventlog.event_id_match(event_ids, table="e")
+        where.append(clause)
+        params += ids
     if voice_ids:
         marks = ",".join("?" * len(voice_ids))
         where.append(f"(e.voice_id IN ({marks}) OR e.broadcast_id IN ({marks}))")

@@ -15,10 +15,11 @@ from tests.conftest import CALLGATE
 from tests.corpus import APP_ID, flows
 
 
-def fill(db_path: str, config: Config | None = None) -> int:
+def fill(db_path: str, config: Config | None = None, migrate: bool = True) -> int:
     config = config or Config(db_path=db_path, app_ids=(APP_ID,))
     conn = eventlog.connect(db_path)
-    eventlog.ensure_schema(conn)
+    if migrate:
+        eventlog.ensure_schema(conn)
     for flow in flows()[:4]:
         for request in flow.wire:
             ingest_request(conn, config, Headers.of(request.headers), request.body)
@@ -153,3 +154,35 @@ def test_schema_is_versioned_and_idempotent(db_path) -> None:
     assert conn.execute("PRAGMA user_version").fetchone()[0] == eventlog.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_version_1_log_loses_the_event_id_index_and_keeps_its_events(db_path) -> None:
+    """Migration 2 on a log written by schema 1: same rows, same chain, one index fewer."""
+    conn = eventlog.connect(db_path)
+    conn.execute("BEGIN IMMEDIATE")
+    eventlog.MIGRATIONS[1](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    count = fill(db_path, migrate=False)
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+    assert "idx_events_event_id" in indexes
+    eventlog.ensure_schema(conn)
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+    assert "idx_events_event_id" not in indexes and "idx_events_content_hash" in indexes
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == count
+    assert eventlog.verify(conn).ok
+
+
+def test_event_ids_are_found_through_the_content_hash_index(db_path) -> None:
+    fill(db_path)
+    conn = eventlog.connect(db_path)
+    wanted = [row[0] for row in conn.execute("SELECT event_id FROM events WHERE seq IN (2, 5)")]
+    clause, params = eventlog.event_id_match([*wanted, "ev_not-an-id", "ev_" + "0" * 24])
+    found = [row[0] for row in conn.execute(
+        f"SELECT event_id FROM events WHERE {clause} ORDER BY seq", params)]
+    assert found == wanted
+    plan = " ".join(row[3] for row in conn.execute(
+        f"EXPLAIN QUERY PLAN SELECT seq FROM events WHERE {clause}", params))
+    assert "idx_events_content_hash" in plan and "SCAN" not in plan
+    assert eventlog.event_id_match(["nope"]) == ("0", [])
