@@ -2,7 +2,7 @@
 
 - `run_wrk`: closed-loop maximum rate with wrk and bench/wrk_post.lua (preferred: wrk costs
   the shared CPUs far less than any Python client).
-- `run_python`: multi-process keep-alive client (http.client persistent connections). Closed
+- `run_python`: multi-process keep-alive client (one asyncio loop per process). Closed
   loop (`rate=None`) is the fallback when wrk is missing; open loop (`rate=R`) is the
   fixed-rate mode behind `--latency-at`: requests are scheduled R per second regardless of
   how fast answers come back, and latency is measured from the *scheduled* send time, so a
@@ -15,13 +15,12 @@ own share of the lines, so no event is sent twice unless the file runs out (`wra
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
 import multiprocessing as mp
 import os
 import shutil
 import subprocess
-import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -140,91 +139,122 @@ def _read_share(path: str, conn_index: int, total: int) -> list[bytes]:
     return share
 
 
-def _client_process(plan: _Plan, out: Any) -> None:
-    """Runs the plan's connections as threads and sends counts + latencies back."""
+class _Stats:
+    """What one client process counts; latencies in milliseconds."""
+
+    def __init__(self) -> None:
+        self.latencies = array("d")
+        self.counts = {"requests": 0, "ok": 0, "non2xx": 0, "errors": 0, "wrapped": 0, "late": 0}
+        self.statuses: dict[int, int] = {}
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bool]:
+    """Send one request on a kept-alive connection; (status, server keeps it open)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    length, keep = 0, True
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "connection" and value.strip().lower() == "close":
+            keep = False
+    await reader.readexactly(length)
+    return status, keep
+
+
+async def _run_plan(plan: _Plan) -> _Stats:
+    """One event loop drives all of this process's connections.
+
+    asyncio rather than a thread per connection: 32 client threads fight over one GIL,
+    and at a few thousand requests a second their switching showed up as milliseconds
+    of latency that were the client's, not the server's.
+    """
     parts = urlsplit(plan.url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
-    lock = threading.Lock()
-    next_slot = [0]
-    latencies = array("d")
-    counts = {"requests": 0, "ok": 0, "non2xx": 0, "errors": 0, "wrapped": 0, "late": 0}
-    statuses: dict[int, int] = {}
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in WEBHOOK_HEADERS.items())
+    ).encode()
+    stats = _Stats()
+    next_slot = 0
     end_at = plan.start_at + plan.duration
-    shares = [
-        _read_share(plan.bodies, plan.first_conn + i, plan.total_connections)
-        for i in range(plan.connections)
-    ]
 
     def due_time() -> float | None:
         """Open loop: the next slot of this process's evenly interleaved schedule."""
+        nonlocal next_slot
         assert plan.rate is not None
-        with lock:
-            slot = next_slot[0]
-            next_slot[0] += 1
+        slot, next_slot = next_slot, next_slot + 1
         due = plan.start_at + (slot * plan.procs + plan.proc_index) / plan.rate
         return due if due < end_at else None
 
-    def worker(bodies: list[bytes]) -> None:
-        local = array("d")
-        tally = dict.fromkeys(counts, 0)
-        bad: dict[int, int] = {}
-        conn = http.client.HTTPConnection(host, port, timeout=30)
+    async def connection(bodies: list[bytes]) -> None:
+        counts = stats.counts
+        streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         index = 0
+        await asyncio.sleep(max(0.0, plan.start_at - time.monotonic()))
         while True:
             if plan.rate is None:
-                begin = time.monotonic()
-                if begin < plan.start_at:
-                    time.sleep(plan.start_at - begin)
-                    begin = time.monotonic()
-                if begin >= end_at:
+                started = time.monotonic()
+                if started >= end_at:
                     break
-                started = begin
             else:
                 due = due_time()
                 if due is None:
                     break
                 now = time.monotonic()
                 if due > now:
-                    time.sleep(due - now)
+                    await asyncio.sleep(due - now)
                 else:
-                    tally["late"] += 1
+                    counts["late"] += 1
                 started = due
             if index >= len(bodies):
                 index = 0
-                tally["wrapped"] += 1
+                counts["wrapped"] += 1
             body = bodies[index]
             index += 1
+            request = head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
             try:
-                conn.request("POST", path, body, WEBHOOK_HEADERS)
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException):
-                tally["errors"] += 1
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=30)
+                if streams is None:
+                    streams = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+                status, keep = await asyncio.wait_for(_exchange(*streams, request), 30)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError, ValueError, IndexError):
+                counts["errors"] += 1
+                if streams is not None:
+                    streams[1].close()
+                streams = None
                 continue
-            local.append((time.monotonic() - started) * 1e3)
-            tally["requests"] += 1
+            if not keep:
+                streams[1].close()
+                streams = None
+            stats.latencies.append((time.monotonic() - started) * 1e3)
+            counts["requests"] += 1
             if 200 <= status < 300:
-                tally["ok"] += 1
+                counts["ok"] += 1
             else:
-                tally["non2xx"] += 1
-                bad[status] = bad.get(status, 0) + 1
-        conn.close()
-        with lock:
-            latencies.extend(local)
-            for key, value in tally.items():
-                counts[key] += value
-            for code, value in bad.items():
-                statuses[code] = statuses.get(code, 0) + value
+                counts["non2xx"] += 1
+                stats.statuses[status] = stats.statuses.get(status, 0) + 1
+        if streams is not None:
+            streams[1].close()
 
-    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    out.send((counts, statuses, latencies.tobytes()))
+    shares = [
+        _read_share(plan.bodies, plan.first_conn + i, plan.total_connections)
+        for i in range(plan.connections)
+    ]
+    await asyncio.gather(*(connection(share) for share in shares))
+    return stats
+
+
+def _client_process(plan: _Plan, out: Any) -> None:
+    """A client child process: runs its plan and sends counts + latencies back."""
+    stats = asyncio.run(_run_plan(plan))
+    out.send((stats.counts, stats.statuses, stats.latencies.tobytes()))
     out.close()
 
 
