@@ -34,12 +34,17 @@ GATHER_SECONDS = 0.002
 
 
 LOCK_POLL_SECONDS = 0.0005
-# The writer checkpoints the WAL when a commit leaves it longer than this (SQLite's
-# default is 1,000 pages). A commit writes three or four pages per event (strace of a
-# loaded writer), mostly index leaves that later events dirty again: with 1,000 pages
-# the writer copied them into the database, and fsynced it, every few hundred events;
-# at 10,000 (a WAL of up to ~40 MB) rewrites of the same pages coalesce.
-# bench/ingest.py --rounds 3 --duration 6: B/A 0.447 -> 0.479-0.483.
+# WAL checkpoints. A commit writes three or four pages per event (strace of a loaded
+# writer), mostly index leaves that later events dirty again. With SQLite's default
+# (the committing connection checkpoints once the WAL passes 1,000 pages) the writer
+# copied them into the database, and fsynced it, every few hundred events, on the
+# commit path. Instead a checkpointer thread copies whatever the WAL holds every
+# CHECKPOINT_SECONDS, concurrently with commits (PASSIVE never blocks a writer), so
+# rewrites of the same pages within that time coalesce and no webhook waits for a
+# checkpoint; the writer's own autocheckpoint stays as a backstop at 10,000 pages
+# (a WAL of ~40 MB) should the checkpointer fall behind.
+# bench/ingest.py --rounds 3 --duration 6: B/A 0.447 (default) -> 0.48.
+CHECKPOINT_SECONDS = 1.0
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
@@ -100,6 +105,26 @@ def _flock_until(fd: int, deadline: float) -> None:
             if time.monotonic() >= deadline:
                 raise sqlite3.OperationalError("database is locked (writer lock)") from None
             time.sleep(LOCK_POLL_SECONDS)
+
+
+def _checkpoint_every(db_path: str, seconds: float, stop: threading.Event) -> None:
+    """Copy the WAL into the database every `seconds` until `stop` (best effort).
+
+    Several worker processes each run one; SQLite lets one checkpoint at a time
+    and the others return busy, which is fine.
+    """
+    conn: sqlite3.Connection | None = None
+    while not stop.wait(seconds):
+        try:
+            if conn is None:
+                conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            if conn is not None:
+                conn.close()
+            conn = None  # the writer's autocheckpoint is the backstop meanwhile
+    if conn is not None:
+        conn.close()
 
 
 class _Job:
@@ -169,6 +194,8 @@ class BatchWriter:
         self._admitted = 0
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -201,8 +228,18 @@ class BatchWriter:
                     target=self._run, name="callgate-writer", daemon=True
                 )
                 self._thread.start()
+                alive = self._checkpointer is not None and self._checkpointer.is_alive()
+                if self.db_path != ":memory:" and not alive:
+                    self._checkpointer = threading.Thread(
+                        target=_checkpoint_every,
+                        args=(self.db_path, CHECKPOINT_SECONDS, self._stop_checkpoints),
+                        name="callgate-checkpointer",
+                        daemon=True,
+                    )
+                    self._checkpointer.start()
 
     def close(self) -> None:
+        self._stop_checkpoints.set()
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 
 from gateway import eventlog
+from gateway import writer as writer_module
 from gateway.writer import BatchWriter, WriterLock
 
 
@@ -141,3 +143,22 @@ def test_writer_lock_wait_is_bounded_and_reads_as_a_locked_database(db_path) -> 
     assert writer.submit(lambda c: new_event(2)).seq == 1
     writer.close()
     holder.close()
+
+
+def test_the_wal_is_checkpointed_in_the_background_not_on_the_commit_path(db_path) -> None:
+    """Pages reach the database file while no webhook waits: nothing commits after the
+    appends, yet the WAL is copied into the database within a few CHECKPOINT_SECONDS."""
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    conn.close()
+    writer = BatchWriter(db_path)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: writer.submit(lambda c: new_event(n)), range(200)))
+    committed = os.path.getsize(db_path)
+    deadline = time.monotonic() + 10 * writer_module.CHECKPOINT_SECONDS
+    while os.path.getsize(db_path) <= committed:
+        assert time.monotonic() < deadline, "the WAL was never checkpointed"
+        time.sleep(0.05)
+    writer.close()
+    reader = eventlog.connect(db_path)
+    assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 200
