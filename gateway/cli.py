@@ -31,7 +31,13 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to bind.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Worker processes.")
-@click.option("--threads", default=8, show_default=True, type=int, help="Threads per worker.")
+@click.option(
+    "--threads",
+    default=12,
+    show_default=True,
+    type=int,
+    help="Threads per worker (each waits for its group commit; more of them make bigger batches).",
+)
 @click.option("--access-log/--no-access-log", default=False, help="gunicorn access log.")
 @click.option(
     "--idle-timeout",

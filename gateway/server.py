@@ -47,7 +47,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
-    threads: int = 8
+    threads: int = 12
     # gthread plus deadlines for slow senders (gateway/worker.py); stock gthread lets
     # tricklers pin every thread and idle connections wedge the worker (gunicorn#2917).
     worker_class: str = "gateway.worker.CallgateThreadWorker"

@@ -4,7 +4,7 @@ EnableX gives up on a webhook after about 5 s. A sender that opens connections
 and then says nothing, trickles its headers, or trickles its body must not be
 able to use up the gateway's worker threads or connection slots so that
 genuine deliveries go unanswered. Each test holds slow connections open
-against a real `callgate serve` (2 workers x 8 threads, the defaults) while
+against a real `callgate serve` (2 workers x 12 threads, the defaults) while
 ordinary webhooks are sent, and requires every ordinary webhook to be answered
 200 within EnableX's 5 s.
 """
@@ -98,7 +98,7 @@ def test_a_few_slow_senders_leave_the_gateway_serving(server: RunningServer) -> 
 
 
 SLOW_CASES = {
-    # 60 connections trickling header bytes: more than the 16 request threads.
+    # 60 connections trickling header bytes: more than the 24 request threads.
     "headers trickled": (60, HEAD, b"X-Pad: 1\r\n"),
     # 60 requests whose declared body never finishes arriving.
     "body trickled": (60, HEAD + b"Content-Length: 100000\r\n\r\n{", b" "),
