@@ -109,24 +109,32 @@ def _flock_until(fd: int, deadline: float) -> None:
             time.sleep(LOCK_POLL_SECONDS)
 
 
-def _checkpoint_every(db_path: str, seconds: float, stop: threading.Event) -> None:
+def _checkpoint_every(db_path: str, seconds: float, stop: threading.Event, timeout: float) -> None:
     """Copy the WAL into the database every `seconds` until `stop` (best effort).
 
-    Several worker processes each run one; SQLite lets one checkpoint at a time
-    and the others return busy, which is fine.
+    First the bulk, concurrently with commits; then, holding the writers' lock
+    file, the few pages committed meanwhile. Only a checkpoint that reaches the
+    end of the WAL lets the next commit start it over: without that pause a
+    busy log's WAL never restarts, and the writers' own backstop checkpoint ends
+    up running on the commit path after all. Several worker processes each run
+    one; SQLite lets one checkpoint at a time and the others return busy.
     """
     conn: sqlite3.Connection | None = None
+    lock = WriterLock(db_path, timeout)
     while not stop.wait(seconds):
         try:
             if conn is None:
                 conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            with lock:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
             if conn is not None:
                 conn.close()
             conn = None  # the writer's autocheckpoint is the backstop meanwhile
     if conn is not None:
         conn.close()
+    lock.close()
 
 
 class _Job:
@@ -234,7 +242,10 @@ class BatchWriter:
                 if self.db_path != ":memory:" and not alive:
                     self._checkpointer = threading.Thread(
                         target=_checkpoint_every,
-                        args=(self.db_path, CHECKPOINT_SECONDS, self._stop_checkpoints),
+                        args=(
+                            self.db_path, CHECKPOINT_SECONDS, self._stop_checkpoints,
+                            self.busy_timeout,
+                        ),
                         name="callgate-checkpointer",
                         daemon=True,
                     )

@@ -162,3 +162,35 @@ def test_the_wal_is_checkpointed_in_the_background_not_on_the_commit_path(db_pat
     writer.close()
     reader = eventlog.connect(db_path)
     assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 200
+
+
+def _wal_restarts(db_path: str) -> int:
+    """The WAL header's checkpoint sequence number: SQLite bumps it each time the WAL
+    starts over from its first frame."""
+    with open(db_path + "-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_the_wal_starts_over_while_writes_never_pause(db_path) -> None:
+    """Under continuous commits a checkpoint running beside them never reaches the end of
+    the WAL, so the WAL would only restart at the writers' 10,000-page backstop, on the
+    commit path. The checkpointer pauses the writers for the last few pages instead."""
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    writer.submit(lambda c: new_event(-1))
+    before = _wal_restarts(db_path)
+    stop_at = time.monotonic() + 12 * writer_module.CHECKPOINT_SECONDS
+    counter = iter(range(10**9))
+
+    def hammer() -> None:
+        while time.monotonic() < stop_at:
+            n = next(counter)
+            writer.submit(lambda c, n=n: new_event(n))
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(hammer) for _ in range(8)]:
+            future.result()
+    writer.close()
+    assert _wal_restarts(db_path) >= before + 2
+    assert eventlog.verify(conn).ok
