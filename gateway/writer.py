@@ -42,11 +42,11 @@ LOCK_POLL_SECONDS = 0.0005
 # CHECKPOINT_SECONDS, concurrently with commits (PASSIVE never blocks a writer), so
 # no webhook waits for a checkpoint; the writer's own autocheckpoint stays as a
 # backstop at 10,000 pages (a WAL of ~40 MB) should the checkpointer fall behind.
-# The interval is a tail-latency choice: a checkpoint's writes and fsync still share
-# the disk with commits. bench/ingest.py --rounds 4 --duration 8 --latency-at 0.7,
-# after the rounds (log ~120k events): p99 at 70 % load 28.7 ms every 1 s, 19.9 ms
-# every 0.25 s, for B/A 0.511 vs 0.505.
-CHECKPOINT_SECONDS = 0.25
+# The interval trades throughput (rewrites of hot pages coalesce) against the WAL's
+# size and the disk it shares with commits. bench/ingest.py --rounds 4 --duration 8
+# --latency-at 0.7 (B/A, then p99 at 70 % load): 0.25 s 0.504 / 24.7 ms; 0.5 s
+# 0.512 / 24.9 ms with the WAL at ~22 MB; 1 s let the WAL reach the backstop.
+CHECKPOINT_SECONDS = 0.5
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
