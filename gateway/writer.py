@@ -39,9 +39,10 @@ LOCK_POLL_SECONDS = 0.0005
 # (the committing connection checkpoints once the WAL passes 1,000 pages) the writer
 # copied them into the database, and fsynced it, every few hundred events, on the
 # commit path. Instead a checkpointer thread copies whatever the WAL holds every
-# CHECKPOINT_SECONDS, concurrently with commits (PASSIVE never blocks a writer), so
-# no webhook waits for a checkpoint; the writer's own autocheckpoint stays as a
-# backstop at 10,000 pages (a WAL of ~40 MB) should the checkpointer fall behind.
+# CHECKPOINT_SECONDS, mostly concurrently with commits (see `_checkpoint_every`), so
+# webhooks wait only for the last few pages of each; the writer's own autocheckpoint
+# stays as a backstop at 10,000 pages (a WAL of ~40 MB) should the checkpointer fall
+# behind.
 # The interval trades throughput (rewrites of hot pages coalesce) against the WAL's
 # size and the disk it shares with commits. bench/ingest.py --rounds 4 --duration 8
 # --latency-at 0.7 (B/A, then p99 at 70 % load): 0.25 s 0.504 / 24.7 ms; 0.5 s
