@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from gunicorn.app.base import BaseApplication
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.server import ServeOptions, gunicorn_settings  # noqa: E402
+from gateway.server import ConfiguredApplication, ServeOptions  # noqa: E402
 
 _DEFAULTS = ServeOptions()
 
@@ -41,17 +40,11 @@ def create_app() -> Flask:
     return app
 
 
-class MinimalServer(BaseApplication):  # type: ignore[misc]
+class MinimalServer(ConfiguredApplication):
     """gunicorn configured exactly like GatewayServer, serving the minimal app instead."""
 
-    def __init__(self, options: ServeOptions) -> None:
-        self.options = options
-        super().__init__()
-
     def load_config(self) -> None:
-        for key, value in gunicorn_settings(self.options).items():
-            if value is not None and key in self.cfg.settings:
-                self.cfg.set(key, value)
+        super().load_config()
         self.cfg.set("proc_name", "callgate-bench-minimal")
 
     def load(self) -> Any:

@@ -158,18 +158,26 @@ def prepare_metrics_dir() -> str:
     return path
 
 
-class GatewayServer(BaseApplication):  # type: ignore[misc]
-    """gunicorn master whose workers each build the Flask app after fork."""
+class ConfiguredApplication(BaseApplication):  # type: ignore[misc]
+    """A gunicorn application configured from `ServeOptions` through `gunicorn_settings`,
+    so `callgate serve` and the benchmark's minimal app cannot drift apart."""
 
-    def __init__(self, options: ServeOptions, db_path: str) -> None:
+    def __init__(self, options: ServeOptions) -> None:
         self.options = options
-        self.db_path = db_path
         super().__init__()
 
     def load_config(self) -> None:
         for key, value in gunicorn_settings(self.options).items():
             if value is not None and key in self.cfg.settings:
                 self.cfg.set(key, value)
+
+
+class GatewayServer(ConfiguredApplication):
+    """gunicorn master whose workers each build the Flask app after fork."""
+
+    def __init__(self, options: ServeOptions, db_path: str) -> None:
+        self.db_path = db_path
+        super().__init__(options)
 
     def load(self) -> Any:
         from gateway.app import create_app
