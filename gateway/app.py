@@ -83,7 +83,14 @@ def create_app(config: Config | None = None) -> Flask:
     admitted = writer.admitted if writer is not None else contextlib.nullcontext
     app.extensions["callgate_store"] = store
     app.extensions["callgate_writer"] = writer
-    eventlog.ensure_schema(store.conn())
+    try:
+        eventlog.ensure_schema(store.conn())
+    except sqlite3.Error as exc:
+        # Boot anyway: gunicorn halts the whole server when a worker fails to boot, so a
+        # full or unwritable disk would become refused connections. Requests answer 503
+        # (and `Store.conn` retries the schema) until the storage is back.
+        store.reset()
+        log.warning("storage unavailable at start (%s); answering 503", type(exc).__name__)
 
     def storage_failure(exc: sqlite3.Error, started: float) -> Response:
         store.reset()

@@ -202,3 +202,25 @@ def test_disk_full_gives_503_never_a_false_ack_then_recovers(tiny_fs: Path) -> N
         assert_recovered(server, failed, before)
     finally:
         server.stop()
+
+
+def test_a_server_started_on_a_full_disk_answers_503_then_recovers(tiny_fs: Path) -> None:
+    """A worker that cannot create the schema at boot must still boot: gunicorn halts the
+    whole server when a worker fails to boot, which would turn a full disk into refused
+    connections (and a respawned worker on a full disk into an outage)."""
+    filler = tiny_fs / "filler"
+    fill(filler)
+    server = RunningServer(
+        str(tiny_fs / "callgate.db"), server_env(), log_path=tiny_fs.parent / "s.log"
+    )
+    server.start(healthy=False)  # /healthz answers 503 while the disk is full
+    try:
+        assert server.proc is not None and server.proc.poll() is None, "the server exited"
+        answers = post_all(server.url, [event_body(n) for n in range(3)])
+        assert_unavailable(answers)
+        filler.unlink()
+        recovered = post_all(server.url, [event_body(n) for n in range(3)])
+        assert [a.status_code for a in recovered] == [200] * 3, [a.text for a in recovered]
+        assert logged_count(server.db)[0] == 3
+    finally:
+        server.stop()
