@@ -190,6 +190,10 @@ def serve(options: ServeOptions, db_path: str) -> None:
     """Block serving the gateway; metrics files are cleaned up when gunicorn exits."""
     created = os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None
     metrics_dir = prepare_metrics_dir()
+    # Imported now, with the directory set, rather than first inside `_child_exit`:
+    # that runs in the master's SIGCHLD handler, and when both workers exit at once the
+    # second signal re-entered the half-done import (ImportError in the master).
+    import prometheus_client.multiprocess  # noqa: F401
     try:
         GatewayServer(options, db_path).run()
     finally:

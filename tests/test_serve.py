@@ -110,3 +110,15 @@ def test_workers_are_pinned_each_to_its_own_cpu(db_path: str, pinned: bool) -> N
         assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_stopping_the_server_logs_no_traceback(db_path: str) -> None:
+    """SIGTERM stops both workers at once; the master's SIGCHLD handling (dropping their
+    metrics files) must not fail on a half-imported prometheus_client, which raised
+    ImportError in the master, and would take it down if it happened while serving."""
+    server = RunningServer(db_path, server_env(), workers=2).start()
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    _worker_masks(server)  # both workers up (one still booting would die of the stop)
+    server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
