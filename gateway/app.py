@@ -84,7 +84,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["callgate_store"] = store
     app.extensions["callgate_writer"] = writer
     try:
-        eventlog.ensure_schema(store.conn())
+        store.conn()  # creates or migrates the schema on its first call
     except sqlite3.Error as exc:
         # Boot anyway: gunicorn halts the whole server when a worker fails to boot, so a
         # full or unwritable disk would become refused connections. Requests answer 503
@@ -232,7 +232,7 @@ def _read_body(limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)  # a lone chunk comes back as is, uncopied
 
 
 def _answer(outcome: Outcome, started: float) -> Response:

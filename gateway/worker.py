@@ -119,6 +119,8 @@ class CallgateThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    # (start of the current one-second window, seconds spent yielding in it)
+    _yield_window: tuple[float, float] = (0.0, 0.0)
 
     def accept(self, server: Any, listener: socket.socket) -> None:
         """As stock, but the new connection must send a byte within `first_byte_timeout`,
@@ -150,7 +152,7 @@ class CallgateThreadWorker(ThreadWorker):  # type: ignore[misc]
         if self.nr_conns < self.cfg.threads:
             return False
         now = time.monotonic()
-        window, spent = getattr(self, "_yield_window", (0.0, 0.0))
+        window, spent = self._yield_window
         if now - window >= 1.0:
             window, spent = now, 0.0
         if spent >= ACCEPT_YIELD_BUDGET:

@@ -125,7 +125,7 @@ def _checkpoint_every(db_path: str, seconds: float, stop: threading.Event, timeo
     while not stop.wait(seconds):
         try:
             if conn is None:
-                conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+                conn = eventlog.connect(db_path, "FULL", timeout)  # checkpoints fsync the db
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             with lock:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
