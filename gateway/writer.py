@@ -39,7 +39,7 @@ LOCK_POLL_SECONDS = 0.0005
 # (the committing connection checkpoints once the WAL passes 1,000 pages) the writer
 # copied them into the database, and fsynced it, every few hundred events, on the
 # commit path. Instead a checkpointer thread copies whatever the WAL holds every
-# CHECKPOINT_SECONDS, mostly concurrently with commits (see `_checkpoint_every`), so
+# CHECKPOINT_SECONDS, mostly concurrently with commits (see `Checkpointer`), so
 # webhooks wait only for the last few pages of each; the writer's own autocheckpoint
 # stays as a backstop at 10,000 pages (a WAL of ~40 MB) should the checkpointer fall
 # behind.
@@ -110,32 +110,74 @@ def _flock_until(fd: int, deadline: float) -> None:
             time.sleep(LOCK_POLL_SECONDS)
 
 
-def _checkpoint_every(db_path: str, seconds: float, stop: threading.Event, timeout: float) -> None:
-    """Copy the WAL into the database every `seconds` until `stop` (best effort).
+class Checkpointer(threading.Thread):
+    """Copies the WAL into the database every `seconds` until stopped (best effort).
 
     First the bulk, concurrently with commits; then, holding the writers' lock
     file, the few pages committed meanwhile. Only a checkpoint that reaches the
     end of the WAL lets the next commit start it over: without that pause a
     busy log's WAL never restarts, and the writers' own backstop checkpoint ends
-    up running on the commit path after all. Several worker processes each run
-    one; SQLite lets one checkpoint at a time and the others return busy.
+    up running on the commit path after all.
+
+    Every worker process starts one, but only the holder of an flock on
+    `<db>-checkpointer.lock` checkpoints (`leading`); the others retry the lock
+    each interval, so when the leader's process dies the kernel drops its lock and
+    another takes over. Without the lock file (read-only directory) every one of
+    them checkpoints, which SQLite serialises: correct, only wasteful.
     """
-    conn: sqlite3.Connection | None = None
-    lock = WriterLock(db_path, timeout)
-    while not stop.wait(seconds):
+
+    def __init__(self, db_path: str, seconds: float, timeout: float) -> None:
+        super().__init__(name="callgate-checkpointer", daemon=True)
+        self.db_path = db_path
+        self.seconds = seconds
+        self.timeout = timeout
+        self.leading = False
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        lock = WriterLock(self.db_path, self.timeout)
         try:
-            if conn is None:
-                conn = eventlog.connect(db_path, "FULL", timeout)  # checkpoints fsync the db
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            with lock:
+            lead_fd: int | None = os.open(
+                self.db_path + "-checkpointer.lock", os.O_RDWR | os.O_CREAT, 0o600
+            )
+        except OSError:
+            lead_fd = None
+        while not self._stopped.wait(self.seconds):
+            if not self.leading:
+                self.leading = _try_flock(lead_fd)
+                if not self.leading:
+                    continue
+            try:
+                if conn is None:
+                    conn = eventlog.connect(self.db_path, "FULL", self.timeout)  # fsyncs the db
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:
-            if conn is not None:
-                conn.close()
-            conn = None  # the writer's autocheckpoint is the backstop meanwhile
-    if conn is not None:
-        conn.close()
-    lock.close()
+                with lock:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:
+                if conn is not None:
+                    conn.close()
+                conn = None  # the writer's autocheckpoint is the backstop meanwhile
+        if conn is not None:
+            conn.close()
+        lock.close()
+        self.leading = False
+        if lead_fd is not None:
+            os.close(lead_fd)  # releases the lead to another process's checkpointer
+
+
+def _try_flock(fd: int | None) -> bool:
+    """Take an exclusive flock without waiting; True also when there is no lock file."""
+    if fd is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class _Job:
@@ -205,8 +247,7 @@ class BatchWriter:
         self._admitted = 0
         self._pid: int | None = None
         self._thread: threading.Thread | None = None
-        self._stop_checkpoints = threading.Event()
-        self._checkpointer: threading.Thread | None = None
+        self._checkpointer: Checkpointer | None = None
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -241,22 +282,18 @@ class BatchWriter:
                 self._thread.start()
                 alive = self._checkpointer is not None and self._checkpointer.is_alive()
                 if self.db_path != ":memory:" and not alive:
-                    self._checkpointer = threading.Thread(
-                        target=_checkpoint_every,
-                        args=(
-                            self.db_path, CHECKPOINT_SECONDS, self._stop_checkpoints,
-                            self.busy_timeout,
-                        ),
-                        name="callgate-checkpointer",
-                        daemon=True,
+                    self._checkpointer = Checkpointer(
+                        self.db_path, CHECKPOINT_SECONDS, self.busy_timeout
                     )
                     self._checkpointer.start()
 
     def close(self) -> None:
-        self._stop_checkpoints.set()
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(5)
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            self._checkpointer.stop()
+            self._checkpointer.join(5)
 
     def _take(self, jobs: list[_Job], wait_until: float | None) -> bool:
         """Add queued jobs to `jobs`, waiting for admitted stragglers until `wait_until`.

@@ -194,3 +194,35 @@ def test_the_wal_starts_over_while_writes_never_pause(db_path) -> None:
     writer.close()
     assert _wal_restarts(db_path) >= before + 2
     assert eventlog.verify(conn).ok
+
+
+def _leaders(writers: list[BatchWriter]) -> list[BatchWriter]:
+    return [w for w in writers if w._checkpointer is not None and w._checkpointer.leading]
+
+
+def test_one_checkpointer_per_log_and_another_takes_over_when_it_stops(db_path) -> None:
+    """Every worker process starts a checkpointer, but a server checkpoints once per
+    interval: the one holding `<db>-checkpointer.lock` leads. flock conflicts between
+    two open files of one process as between processes, so two writers here stand for
+    two workers; closing the leader's stands for its process dying (the kernel drops
+    the lock either way)."""
+    conn = eventlog.connect(db_path)
+    eventlog.ensure_schema(conn)
+    conn.close()
+    writers = [BatchWriter(db_path), BatchWriter(db_path)]
+    for n, writer in enumerate(writers):
+        writer.submit(lambda c, n=n: new_event(n))
+    deadline = time.monotonic() + 10 * writer_module.CHECKPOINT_SECONDS
+    while not _leaders(writers):
+        assert time.monotonic() < deadline, "no checkpointer took the lead"
+        time.sleep(0.05)
+    time.sleep(3 * writer_module.CHECKPOINT_SECONDS)
+    (leader,) = _leaders(writers)
+    (follower,) = [w for w in writers if w is not leader]
+    leader.close()
+    deadline = time.monotonic() + 10 * writer_module.CHECKPOINT_SECONDS
+    while _leaders(writers) != [follower]:
+        assert time.monotonic() < deadline, "the other checkpointer never took over"
+        time.sleep(0.05)
+    follower.close()
+    assert not _leaders(writers)
