@@ -24,8 +24,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway import eventlog, forwarder  # noqa: E402
-from gateway.schemas import normalise  # noqa: E402
 from gateway.subscriptions import SecretStore, create_subscription, generate_secret  # noqa: E402
+from tests.helpers_analytics import new_event  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = sorted((REPO / "tests/fixtures/enablex/corpus/flows").glob("*.json"))
@@ -51,11 +51,7 @@ def corpus_events(copies: int, one_call: bool) -> list[dict[str, Any]]:
 def fill(db: str, raws: list[dict[str, Any]]) -> int:
     conn = eventlog.connect(db, synchronous="OFF")
     eventlog.ensure_schema(conn)
-    items = [
-        eventlog.NewEvent(normalise(raw, RECEIVED), json.dumps(raw), raw, "app-bench", RECEIVED)
-        for raw in raws
-    ]
-    eventlog.append_batch(conn, items)
+    eventlog.append_batch(conn, [new_event(raw, RECEIVED, app_label="app-bench") for raw in raws])
     head = eventlog.head(conn)[0]
     conn.close()
     return head
