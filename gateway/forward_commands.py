@@ -15,6 +15,7 @@ import click
 
 from gateway import forwarder
 from gateway.cli import db_option
+from gateway.signals import stop_on_signals
 from gateway.subscriptions import (
     SecretStore,
     SubscriptionError,
@@ -182,7 +183,7 @@ def forward_command(
         schedule=retry_schedule, workers=workers, timeout=timeout, poll_interval=poll
     )
     stop = threading.Event()
-    forwarder.install_signal_handlers(stop)
+    stop_on_signals(stop)  # in-flight tries finish first
     with forwarder.Forwarder(db, options) as fwd:
         stats = fwd.run(stop=stop, follow=follow, drain=drain)
         pending = fwd.conn.execute(

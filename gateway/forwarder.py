@@ -35,7 +35,6 @@ import httpx
 from standardwebhooks import Webhook
 
 from gateway import eventlog
-from gateway.signals import stop_on_signals
 from gateway.subscriptions import (
     SecretStore,
     Subscription,
@@ -841,11 +840,6 @@ def follow(
     """Forward continuously until `stop_event` is set; safe to run in a thread of `callgate up`."""
     with Forwarder(db_path, options) as forwarder:
         return forwarder.run(stop=stop_event, follow=True)
-
-
-def install_signal_handlers(stop_event: threading.Event) -> None:
-    """SIGTERM/SIGINT set `stop_event` (main thread only): in-flight tries finish first."""
-    stop_on_signals(stop_event)
 
 
 # --- redelivery ---------------------------------------------------------------------
