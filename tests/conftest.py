@@ -45,7 +45,13 @@ def config(db_path: str) -> Config:
 
 @pytest.fixture
 def client(config: Config):  # type: ignore[no-untyped-def]
-    return create_app(config).test_client()
+    app = create_app(config)
+    yield app.test_client()
+    # Stop the writer and checkpointer threads: left running, they would outlive the
+    # test's temp directory and sit in every process a later test forks.
+    writer = app.extensions["callgate_writer"]
+    if writer is not None:
+        writer.close()
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,

@@ -109,7 +109,9 @@ def test_two_writer_processes_take_turns_without_lock_errors(db_path) -> None:
     """
     conn = eventlog.connect(db_path)
     eventlog.ensure_schema(conn)
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forking the test process while other tests' threads may hold
+    # SQLite's or the allocator's locks can leave a child blocked forever on one.
+    ctx = multiprocessing.get_context("spawn")
     out: Queue = ctx.Queue()
     procs = [
         ctx.Process(target=_hammer, args=(db_path, k * 100_000, 3000, 0.2, out))
