@@ -8,13 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 
 from gateway.app import create_app
 from gateway.config import Config
@@ -43,15 +46,42 @@ def config(db_path: str) -> Config:
     return Config(db_path=db_path, app_ids=(APP_ID,))
 
 
+@pytest.fixture(autouse=True)
+def no_writer_threads_left() -> Iterator[None]:
+    """Fail a test that leaves a writer or checkpointer thread running. Such a thread may
+    hold SQLite locks inside a test's temp database, and a child that a later test forks
+    inherits those locks without the thread: it hung in `sqlite3.connect` once in CI."""
+    before = set(threading.enumerate())
+    yield
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t not in before and t.name.startswith("callgate-") and t.is_alive()
+    ]
+    assert not left, f"threads left running by the test: {left}"
+
+
 @pytest.fixture
-def client(config: Config):  # type: ignore[no-untyped-def]
-    app = create_app(config)
-    yield app.test_client()
-    # Stop the writer and checkpointer threads: left running, they would outlive the
-    # test's temp directory and sit in every process a later test forks.
-    writer = app.extensions["callgate_writer"]
-    if writer is not None:
-        writer.close()
+def make_app() -> Iterator[Callable[[Config], Flask]]:
+    """`create_app` for tests that need their own Config. Every app's writer and
+    checkpointer threads are stopped on teardown: left running, they would outlive the
+    test's temp directory and sit in every process a later test forks."""
+    apps: list[Flask] = []
+
+    def make(config: Config) -> Flask:
+        apps.append(create_app(config))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        writer = app.extensions["callgate_writer"]
+        if writer is not None:
+            writer.close()
+
+
+@pytest.fixture
+def client(make_app: Callable[[Config], Flask], config: Config) -> FlaskClient:
+    return make_app(config).test_client()
 
 
 def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,

@@ -8,7 +8,6 @@ import sqlite3
 import pytest
 
 from gateway import crypto
-from gateway.app import create_app
 from gateway.config import Config
 from tests.corpus import APP_ID, cases, flows
 
@@ -129,22 +128,22 @@ def test_unknown_events_are_kept_not_refused(client, db_path) -> None:
     assert rows(db_path, "SELECT class, state FROM events") == [("unknown", "teleported")]
 
 
-def test_several_app_ids_tried_in_order_and_the_label_recorded(db_path) -> None:
-    app = create_app(Config(db_path=db_path, app_ids=("other-app-id", APP_ID)))
+def test_several_app_ids_tried_in_order_and_the_label_recorded(make_app, db_path) -> None:
+    app = make_app(Config(db_path=db_path, app_ids=("other-app-id", APP_ID)))
     answer = app.test_client().post(URL, data=encrypted(EVENT), headers=HEADERS)
     assert answer.status_code == 200
     label = rows(db_path, "SELECT app_id FROM events")[0][0]
     assert label == crypto.app_id_label(APP_ID) and APP_ID not in label
 
 
-def test_plaintext_can_be_switched_off(db_path) -> None:
-    app = create_app(Config(db_path=db_path, app_ids=(APP_ID,), allow_plaintext=False))
+def test_plaintext_can_be_switched_off(make_app, db_path) -> None:
+    app = make_app(Config(db_path=db_path, app_ids=(APP_ID,), allow_plaintext=False))
     answer = app.test_client().post(URL, json=EVENT)
     assert answer.status_code == 400 and answer.get_json()["error"] == "missing_header"
 
 
-def test_secret_path_token(db_path) -> None:
-    app = create_app(Config(db_path=db_path, app_ids=(APP_ID,), webhook_token="s3cret-path"))
+def test_secret_path_token(make_app, db_path) -> None:
+    app = make_app(Config(db_path=db_path, app_ids=(APP_ID,), webhook_token="s3cret-path"))
     client = app.test_client()
     assert client.post(URL + "/s3cret-path", data=encrypted(EVENT), headers=HEADERS).status_code \
         == 200

@@ -54,6 +54,7 @@ def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
         time.sleep(0.2)
         blocker.execute("COMMIT")
         results = [f.result(timeout=30) for f in futures]
+    writer.close()
     assert {r.seq for r in results} == {1}
     assert sum(not r.duplicate for r in results) == 1
 
@@ -79,7 +80,9 @@ def test_a_failed_commit_fails_every_waiter_and_the_writer_recovers(db_path) -> 
     blocker.execute("ROLLBACK")
     assert len(errors) == 1 and "locked" in str(errors[0])
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
-    assert writer.submit(lambda c: new_event(2)).seq == 1
+    recovered = writer.submit(lambda c: new_event(2))
+    writer.close()
+    assert recovered.seq == 1
 
 
 def _hammer(db_path: str, base: int, count: int, busy_timeout: float, out: Queue) -> None:

@@ -23,12 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import crypto
-from gateway.app import create_app
 from gateway.config import DEFAULT_MAX_BODY, Config
 from tests.corpus import APP_ID, all_wire_requests, cases
 
@@ -317,9 +317,11 @@ class Stats:
 
 
 @pytest.fixture
-def fuzz_target(tmp_path: Path) -> Iterator[tuple[FlaskClient, sqlite3.Connection, Stats]]:
+def fuzz_target(
+    make_app: Callable[[Config], Flask], tmp_path: Path
+) -> Iterator[tuple[FlaskClient, sqlite3.Connection, Stats]]:
     db = str(tmp_path / "fuzz.db")
-    client = create_app(Config(db_path=db, app_ids=(APP_ID,))).test_client()
+    client = make_app(Config(db_path=db, app_ids=(APP_ID,))).test_client()
     conn = sqlite3.connect(db)
     stats = Stats()
     yield client, conn, stats
