@@ -19,12 +19,14 @@ from typing import Any
 
 import yaml
 
+from gateway.config import DATASETTE_TOKEN_ENV
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A symlink to the repository's metadata.yml, so a wheel ships the same file.
 METADATA_PATH = Path(__file__).resolve().parent / "metadata.yml"
 PLUGINS_DIR = Path(__file__).resolve().parent / "datasette_plugins"
 METADATA_DB_NAME = "callgate"
-TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
+TOKEN_ENV = DATASETTE_TOKEN_ENV
 OPERATOR_ID = "operator"
 MIN_TOKEN_LENGTH = 16
 DEFAULT_HOST = "127.0.0.1"
@@ -57,7 +59,7 @@ def load_metadata(path: Path = METADATA_PATH) -> dict[str, Any]:
 
 
 def render_metadata(
-    metadata: Mapping[str, Any], db_name: str, env: Mapping[str, str] | None = None
+    metadata: Mapping[str, Any], db_name: str, token_configured: bool
 ) -> dict[str, Any]:
     """metadata.yml re-keyed for `db_name`; the operator token only when it is configured.
 
@@ -66,7 +68,6 @@ def render_metadata(
     token list is emptied: datasette-auth-tokens would otherwise compare against
     None and fail every request that carries a bearer token.
     """
-    env = os.environ if env is None else env
     rendered: dict[str, Any] = json.loads(json.dumps(metadata))
     databases = rendered.get("databases") or {}
     if METADATA_DB_NAME in databases and db_name != METADATA_DB_NAME:
@@ -77,15 +78,14 @@ def render_metadata(
             if chart.get("db") == METADATA_DB_NAME:
                 chart["db"] = db_name
     tokens_config = plugins.setdefault("datasette-auth-tokens", {})
-    if not env.get(TOKEN_ENV):
+    if not token_configured:
         tokens_config["tokens"] = []
     return rendered
 
 
-def operator_token_problem(env: Mapping[str, str] | None = None) -> str | None:
+def operator_token_problem(token: str | None) -> str | None:
     """A human-readable warning when operator access is off or weak, else None."""
-    env = os.environ if env is None else env
-    token = env.get(TOKEN_ENV) or ""
+    token = token or ""
     if not token:
         return f"{TOKEN_ENV} is not set: operator access is disabled (anonymous view only)"
     if len(token) < MIN_TOKEN_LENGTH:
@@ -101,50 +101,31 @@ def rendered_metadata_path(db: str | os.PathLike[str]) -> Path:
 
 def write_metadata(
     db: str | os.PathLike[str],
-    env: Mapping[str, str] | None = None,
+    token_configured: bool,
     source: Path = METADATA_PATH,
 ) -> Path:
     """Render metadata.yml for this database file and write it atomically; returns its path."""
     target = rendered_metadata_path(db)
     target.parent.mkdir(parents=True, exist_ok=True)
-    rendered = render_metadata(load_metadata(source), database_name(db), env)
+    rendered = render_metadata(load_metadata(source), database_name(db), token_configured)
     tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(rendered, indent=2, sort_keys=False), encoding="utf-8")
     os.replace(tmp, target)
     return target
 
 
-def prepare_database(db: str | os.PathLike[str]) -> None:
-    """Create the file and every table Datasette should describe (all idempotent).
-
-    Datasette refuses a missing file, and a table created later would appear
-    only after a restart in some pages, so the log, projection and forwarding
-    schemas are ensured up front.
-    """
-    from analytics import tables
-    from gateway import eventlog, forwarder
-
-    conn = eventlog.connect(str(db))
-    try:
-        eventlog.ensure_schema(conn)
-        tables.create_tables(conn)
-        forwarder.ensure_schema(conn)
-    finally:
-        conn.close()
-
-
 def datasette_argv(
     db: str | os.PathLike[str],
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    env: Mapping[str, str] | None = None,
+    token_configured: bool = False,
 ) -> list[str]:
     """The full `datasette serve` command line for this database (writes the rendered metadata).
 
     Run it with the caller's environment: the operator token is read from
     $CALLGATE_DATASETTE_TOKEN by the Datasette process itself.
     """
-    metadata = write_metadata(db, env)
+    metadata = write_metadata(db, token_configured)
     argv = [
         sys.executable,
         "-m",

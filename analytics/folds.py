@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from gateway.schemas import LEG_STATES, classify
+from gateway.wire.schemas import LEG_STATES, classify
 
 Event = Mapping[str, Any]
 Row = tuple[Any, ...]
@@ -69,6 +69,51 @@ _EMPTY = "[]"
 _NONE_LATE: frozenset[int] = frozenset()
 _LEG_CLASSES = frozenset({"call", "bridge"})  # classes a bridge-leg state may be stored under
 _NOT_FINISHED = "initiated"  # any other play state means the play has run (finished_at)
+
+
+class CallRow(NamedTuple):
+    """One `calls` row, in the table's column order (tests/test_folds.py checks it)."""
+
+    voice_id: str
+    direction: str | None
+    from_number: str | None
+    to_number: str | None
+    final_state: str | None
+    started_at: str
+    ringing_at: str | None
+    answered_at: str | None
+    ended_at: str | None
+    last_event_at: str
+    ring_seconds: float | None
+    duration_s: int | None
+    hold_seconds: float
+    disconnect_reason: str | None
+    plays: int
+    digits: str
+    speech: str
+    speech_results: str
+    recording_url: str | None
+    recording_duration_s: Any
+    bridge_state: str | None
+    transfer_to: str | None
+    owner_ref: str | None
+    channel_id: str | None
+    room_id: str | None
+    broadcast_id: str | None
+    event_count: int
+    unknown_events: int
+    out_of_order_events: int
+    event_classes: str
+    first_seq: int
+    last_seq: int
+
+
+# Slots of a play's running state (a list, mutated in the hot loop; see `_new_play`).
+_P_PROMPT, _P_STATE, _P_STARTED, _P_FINISHED, _P_DIGITS = 0, 1, 2, 3, 4
+_P_SPEECH_RESULT, _P_SPEECH_TEXT, _P_COUNT, _P_FIRST, _P_LAST = 5, 6, 7, 8, 9
+# Slots of a recording's running state (see `_touch_recording`).
+_R_STATE, _R_STARTED, _R_COMPLETED, _R_URL, _R_DURATION = 0, 1, 2, 3, 4
+_R_DESCRIPTION, _R_COUNT, _R_FIRST, _R_LAST = 5, 6, 7, 8
 
 
 class CallRows(NamedTuple):
@@ -299,7 +344,7 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
                      ev.get("prompt_ref"), ev["seq"])
                 )  # fmt: skip
                 if play_id:
-                    entry[4].append(value)
+                    entry[_P_DIGITS].append(value)
         elif cls == "speech":
             n_speech += 1
             play_id = ev.get("play_id")
@@ -319,9 +364,9 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
                     entry = plays[play_id] = _new_play(ev, play_state)
                 else:
                     _touch_play(entry, ev, play_state)
-                entry[5] = state
+                entry[_P_SPEECH_RESULT] = state
                 if text:
-                    entry[6] = text
+                    entry[_P_SPEECH_TEXT] = text
         elif cls == "recording":
             n_recording += 1
             _touch_recording(recordings, ev, state)
@@ -356,57 +401,84 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
         if timeline:
             rows.append(timeline_row(ev, len(rows) + 1, cls, ev["seq"] in late))
 
-    # The event that ended the call: the first disconnected, else a final failed.
     end_event = disconnected
     if end_event is None and final_state == "failed":
         end_event = final_failed
-    ended_at = reason = None
-    if end_event is not None:
-        ended_at = end_event["occurred_at"]
-        reason = _reason(end_event)
-    answered_ms = 0
-    duration_s = None
-    if answered_at is not None:
-        answered_ms = epoch_ms(answered_at)
-        if disconnected is not None:
-            duration_s = (epoch_ms(disconnected["occurred_at"]) - answered_ms) // 1000
+    ended_at = end_event["occurred_at"] if end_event is not None else None
     ring_from = ringing_at or incoming_at
-    ring_to = answered_at or ended_at
-    ring_seconds = None
-    if ring_from is not None and ring_to is not None:
-        to_ms = answered_ms if ring_to is answered_at else epoch_ms(ring_to)
-        ring_seconds = (to_ms - epoch_ms(ring_from)) / 1000
-
-    if broadcast_id is not None:
-        direction = "broadcast"
-    elif inbound:
-        direction = "inbound"
-    elif n_call:
-        direction = "outbound"
-    else:
-        direction = None
+    ring_seconds, duration_s = _durations(ring_from, answered_at, ended_at, disconnected)
     classes = _classes_json(
         (n_call, n_play, n_speech, n_recording, n_dtmf, n_bridge, n_broadcast, n_unknown)
     )
     # In seq order (the common case) the ends of `seqs` are its extremes.
     first_seq, last_seq = (min(seqs), max(seqs)) if late else (seqs[0], seqs[-1])
-    call = (
-        voice_id, direction, from_number, to_number, final_state, first["occurred_at"],
-        ring_from, answered_at, ended_at, events[-1]["occurred_at"], ring_seconds, duration_s,
-        hold_ms / 1000, reason, len(plays), json_text(digits) if digits else _EMPTY,
-        json_text(speech_texts) if speech_texts else _EMPTY,
-        json_text(speech_results) if speech_results else _EMPTY, recording_url,
-        recording_duration, bridge_state, transfer_to,
-        owner_ref, channel_id, room_id, broadcast_id, len(events), n_unknown, len(late),
-        classes, first_seq, last_seq,
-    )  # fmt: skip
+    call = CallRow(
+        voice_id=voice_id,
+        direction=_direction(broadcast_id, inbound, n_call),
+        from_number=from_number,
+        to_number=to_number,
+        final_state=final_state,
+        started_at=first["occurred_at"],
+        ringing_at=ring_from,
+        answered_at=answered_at,
+        ended_at=ended_at,
+        last_event_at=events[-1]["occurred_at"],
+        ring_seconds=ring_seconds,
+        duration_s=duration_s,
+        hold_seconds=hold_ms / 1000,
+        disconnect_reason=_reason(end_event) if end_event is not None else None,
+        plays=len(plays),
+        digits=json_text(digits) if digits else _EMPTY,
+        speech=json_text(speech_texts) if speech_texts else _EMPTY,
+        speech_results=json_text(speech_results) if speech_results else _EMPTY,
+        recording_url=recording_url,
+        recording_duration_s=recording_duration,
+        bridge_state=bridge_state,
+        transfer_to=transfer_to,
+        owner_ref=owner_ref,
+        channel_id=channel_id,
+        room_id=room_id,
+        broadcast_id=broadcast_id,
+        event_count=len(events),
+        unknown_events=n_unknown,
+        out_of_order_events=len(late),
+        event_classes=classes,
+        first_seq=first_seq,
+        last_seq=last_seq,
+    )
     play_rows = [
-        (voice_id, pid, e[0], e[1], json_text(e[4]) if e[4] else _EMPTY, e[5], e[6], e[2], e[3],
-         e[7], e[8], e[9])
+        (voice_id, pid, e[_P_PROMPT], e[_P_STATE],
+         json_text(e[_P_DIGITS]) if e[_P_DIGITS] else _EMPTY, e[_P_SPEECH_RESULT],
+         e[_P_SPEECH_TEXT], e[_P_STARTED], e[_P_FINISHED], e[_P_COUNT], e[_P_FIRST], e[_P_LAST])
         for pid, e in sorted(plays.items())
     ]  # fmt: skip
     recording_rows = _recording_rows(voice_id, recordings, recording_url, recording_duration)
     return CallRows(call, play_rows, recording_rows, dtmf_rows, speech_rows, marks, rows)
+
+
+def _durations(
+    ring_from: str | None, answered_at: str | None, ended_at: str | None,
+    disconnected: Event | None,
+) -> tuple[float | None, int | None]:
+    """(ring_seconds, duration_s): ringing until answered (else until the end), and talk
+    time floor(first disconnected − first connected), NULL when either end is missing."""
+    answered_ms = epoch_ms(answered_at) if answered_at is not None else 0
+    duration_s = None
+    if answered_at is not None and disconnected is not None:
+        duration_s = (epoch_ms(disconnected["occurred_at"]) - answered_ms) // 1000
+    ring_to = answered_at or ended_at
+    if ring_from is None or ring_to is None:
+        return None, duration_s
+    to_ms = answered_ms if ring_to is answered_at else epoch_ms(ring_to)
+    return (to_ms - epoch_ms(ring_from)) / 1000, duration_s
+
+
+def _direction(broadcast_id: str | None, inbound: bool, n_call: int) -> str | None:
+    if broadcast_id is not None:
+        return "broadcast"
+    if inbound:
+        return "inbound"
+    return "outbound" if n_call else None
 
 
 def _new_play(ev: Event, state: str | None = None) -> list[Any]:
@@ -424,17 +496,17 @@ def _touch_play(entry: list[Any], ev: Event, state: str | None) -> None:
     """Fold a later event of the same play into its running state (see `_new_play`)."""
     prompt = ev.get("prompt_ref")
     if prompt:
-        entry[0] = prompt
+        entry[_P_PROMPT] = prompt
     if state is not None:
-        entry[1] = state
+        entry[_P_STATE] = state
         if state != _NOT_FINISHED:
-            entry[3] = ev["occurred_at"]
-    entry[7] += 1
+            entry[_P_FINISHED] = ev["occurred_at"]
+    entry[_P_COUNT] += 1
     seq = ev["seq"]
-    if seq < entry[8]:
-        entry[8] = seq
-    elif seq > entry[9]:
-        entry[9] = seq
+    if seq < entry[_P_FIRST]:
+        entry[_P_FIRST] = seq
+    elif seq > entry[_P_LAST]:
+        entry[_P_LAST] = seq
 
 
 def _touch_recording(recordings: dict[str, list[Any]], ev: Event, state: str | None) -> None:
@@ -446,25 +518,25 @@ def _touch_recording(recordings: dict[str, list[Any]], ev: Event, state: str | N
     if entry is None:
         entry = recordings[key] = [None, None, None, None, None, None, 0, seq, seq]
     if state is not None:
-        entry[0] = state
-        if state == "started" and entry[1] is None:
-            entry[1] = at
-        elif state == "completed" and entry[2] is None:
-            entry[2] = at
+        entry[_R_STATE] = state
+        if state == "started" and entry[_R_STARTED] is None:
+            entry[_R_STARTED] = at
+        elif state == "completed" and entry[_R_COMPLETED] is None:
+            entry[_R_COMPLETED] = at
     value = ev.get("recording_url")
     if value:
-        entry[3] = value
+        entry[_R_URL] = value
     value = ev.get("recording_duration")
     if value is not None:
-        entry[4] = value
+        entry[_R_DURATION] = value
     value = ev.get("description")
     if value:
-        entry[5] = value
-    entry[6] += 1
-    if seq < entry[7]:
-        entry[7] = seq
-    if seq > entry[8]:
-        entry[8] = seq
+        entry[_R_DESCRIPTION] = value
+    entry[_R_COUNT] += 1
+    if seq < entry[_R_FIRST]:
+        entry[_R_FIRST] = seq
+    if seq > entry[_R_LAST]:
+        entry[_R_LAST] = seq
 
 
 def _recording_rows(
@@ -482,12 +554,15 @@ def _recording_rows(
     rows = []
     single = len(recordings) == 1
     for key, e in sorted(recordings.items()):
-        url, duration = e[3], e[4]
+        url, duration = e[_R_URL], e[_R_DURATION]
         if single and url is None:
             url = call_url
         if single and duration is None:
             duration = call_duration
-        rows.append((voice_id, key, e[0], e[1], e[2], url, duration, e[5], e[6], e[7], e[8]))
+        rows.append(
+            (voice_id, key, e[_R_STATE], e[_R_STARTED], e[_R_COMPLETED], url, duration,
+             e[_R_DESCRIPTION], e[_R_COUNT], e[_R_FIRST], e[_R_LAST])
+        )  # fmt: skip
     return rows
 
 

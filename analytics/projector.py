@@ -31,15 +31,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from analytics import folds, tables
-from gateway import eventlog
-from gateway.schemas import format_utc
+from gateway.db import connect, log_head_seq, transaction, utc_now
+from gateway.log import eventlog
 from gateway.signals import stop_on_signals
 
 CHECKPOINT = "projector"
@@ -85,10 +84,6 @@ def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
     return cur
 
 
-def _now() -> str:
-    return format_utc(datetime.now(UTC))
-
-
 def ensure_tables(conn: sqlite3.Connection) -> None:
     """Create the log's and the projections' tables when missing (idempotent, cheap)."""
     eventlog.ensure_schema(conn)
@@ -98,13 +93,8 @@ def ensure_tables(conn: sqlite3.Connection) -> None:
     }
     if all(table.name in have for table in tables.ALL_TABLES):
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         tables.create_tables(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def checkpoint(conn: sqlite3.Connection) -> int:
@@ -121,7 +111,7 @@ def _set_checkpoint(conn: sqlite3.Connection, seq: int) -> None:
     conn.execute(
         "INSERT INTO checkpoints (name, seq, updated_at) VALUES (?, ?, ?) "
         "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, updated_at = excluded.updated_at",
-        (CHECKPOINT, seq, _now()),
+        (CHECKPOINT, seq, utc_now()),
     )
 
 
@@ -301,11 +291,12 @@ def follow(
     """Poll the log and project new events until stopped; returns events consumed.
 
     Stops cleanly (between transactions) on SIGTERM/SIGINT when run in the main
-    thread, or when `stop_event` is set (how `callgate up` runs it in a thread).
+    thread (`callgate project --follow`, a subprocess of `callgate up`), or when
+    `stop_event` is set (tests run it in a thread).
     """
     stop = stop_event if stop_event is not None else threading.Event()
     restore = stop_on_signals(stop)
-    conn = eventlog.connect(db_path, synchronous="NORMAL")
+    conn = connect(db_path, synchronous="NORMAL")
     total = 0
     try:
         while not stop.is_set():
@@ -424,13 +415,8 @@ class _Stager:
         if not self.chunked:
             work()
             return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.conn):
             work()
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
 
     def write(self, rows: _Rows) -> None:
         """Move every pending row into the staging tables."""
@@ -438,13 +424,8 @@ class _Stager:
             self.run(lambda: rows.flush(self.conn, _staging_name))
             return
         conn = self.conn
-        conn.execute("BEGIN")  # touches only TEMP: no lock on the database file
-        try:
+        with transaction(conn, immediate=False):  # touches only TEMP: no lock on the database file
             filled = rows.flush(conn, _chunk_name)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
         def copy() -> None:
             for table in filled:
@@ -649,8 +630,8 @@ def _worker_main() -> int:
         if not line:  # the parent closed our stdin without a job: nothing to do
             return 0
         job = json.loads(line)
-        reader = eventlog.connect(job["db"], synchronous="NORMAL")
-        writer = eventlog.connect(job["db"], synchronous="NORMAL")
+        reader = connect(job["db"], synchronous="NORMAL")
+        writer = connect(job["db"], synchronous="NORMAL")
         for name, value in _BULK_PRAGMAS.items():
             reader.execute(f"PRAGMA {name} = {value}")
         for name, value in _WRITE_PRAGMAS.items():
@@ -716,7 +697,7 @@ def rebuild(
     """
     ensure_tables(conn)
     path = _db_file(conn)
-    reader = eventlog.connect(path, synchronous="NORMAL") if path else conn
+    reader = connect(path, synchronous="NORMAL") if path else conn
     staged = reader is not conn
     # The fold makes no reference cycles; the cyclic GC would only rescan millions of
     # short-lived event dicts over and over.
@@ -766,13 +747,8 @@ def rebuild(
 
         if staged:
             checkpointer = stack.enter_context(_Checkpointer(path))
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(conn):
                 swap()
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             checkpointer.join()
             # The swap's own pages (new indexes, freed pages), now rather than in the
             # commit of whichever webhook comes next.
@@ -813,7 +789,7 @@ def _drop_staging_quietly(conn: sqlite3.Connection) -> None:
 
 def lag(conn: sqlite3.Connection) -> tuple[int, int]:
     """(checkpoint, newest seq): how far behind the log the projections are."""
-    head = _cursor(conn).execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+    head = log_head_seq(conn)
     return checkpoint(conn), int(head)
 
 

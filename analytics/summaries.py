@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from datetime import datetime, timedelta
+
+from gateway.db import log_head_seq, transaction
 
 CONCURRENCY = "hourly_concurrency"
 LATENESS = "lateness_histogram"
@@ -59,30 +60,6 @@ _SET_CHECKPOINT = (
 )
 
 
-@contextmanager
-def _write(conn: sqlite3.Connection, name: str) -> Iterator[None]:
-    """Read and write one state no other writer can change meanwhile: inside the caller's
-    transaction (the projector's and a rebuild's are IMMEDIATE) a savepoint, in autocommit
-    mode a BEGIN IMMEDIATE of our own (Datasette's start may race a running projector)."""
-    if conn.in_transaction:
-        conn.execute(f"SAVEPOINT {name}")
-        try:
-            yield
-        except BaseException:
-            conn.execute(f"ROLLBACK TO {name}")
-            conn.execute(f"RELEASE {name}")
-            raise
-        conn.execute(f"RELEASE {name}")
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 # --------------------------------------------------------------------------- lateness
 
 
@@ -99,9 +76,9 @@ def refresh_lateness(conn: sqlite3.Connection, max_events: int | None = None) ->
     and its checkpoint in one transaction), at most `max_events`. Returns the checkpoint."""
     budget = max_events
     while True:
-        with _write(conn, "lateness"):
+        with transaction(conn):
             done = lateness_checkpoint(conn)
-            head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            head = log_head_seq(conn)
             step = LATENESS_CHUNK if budget is None else min(LATENESS_CHUNK, budget)
             upto = min(head, done + step)
             if upto <= done:
@@ -194,7 +171,7 @@ def hourly_rows(
 
 def rebuild_concurrency(conn: sqlite3.Connection) -> None:
     """Recompute hourly_concurrency from every call (after a rebuild swapped calls in)."""
-    with _write(conn, "concurrency"):
+    with transaction(conn):
         spans = conn.execute(_ALL_CALLS).fetchall()
         rows = hourly_rows(spans, (start for start, _ in spans))
         conn.execute(f'DELETE FROM "{CONCURRENCY}"')
@@ -211,7 +188,7 @@ def refresh_calls(conn: sqlite3.Connection, voice_ids: Iterable[str]) -> None:
     ids = list(voice_ids)
     if not ids:
         return
-    with _write(conn, "concurrency"):
+    with transaction(conn):
         first = last = None
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]

@@ -411,11 +411,7 @@ PROJECTIONS: tuple[Table, ...] = (
 SUMMARIES: tuple[Table, ...] = (HOURLY_CONCURRENCY, LATENESS_HISTOGRAM)
 ALL_TABLES: tuple[Table, ...] = (*PROJECTIONS, *SUMMARIES, CHECKPOINTS)
 
-# For metadata.yml: a description per table/view and per column.
-TABLE_DESCRIPTIONS: dict[str, str] = {
-    **{t.name: t.description for t in ALL_TABLES},
-    TIMELINE_VIEW: TIMELINE_DESCRIPTION,
-}
+# For metadata.yml: a description per column of every table and view.
 COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     **{t.name: {name: text for name, _, text in t.columns} for t in ALL_TABLES},
     TIMELINE_VIEW: dict(TIMELINE_COLUMNS),
@@ -424,7 +420,7 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
 
 def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
     """Idempotent: create every projection and summary table (and the indexes unless bulk
-    loading) and the timeline view. Needs the `events` table (gateway.eventlog.ensure_schema).
+    loading) and the timeline view. Needs the `events` table (gateway.log.eventlog.ensure_schema).
 
     A database built by an older callgate gets what it lacks: new indexes, indexes whose
     definition changed (rebuilt), and new summary tables, filled before they are used

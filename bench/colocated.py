@@ -38,6 +38,7 @@ from ingest import (  # noqa: E402
 )
 from loadgen import LoadResult, run_python, run_wrk, wrk_path  # noqa: E402
 
+from gateway.db import log_head_seq  # noqa: E402
 from tests.corpus import APP_ID  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def projector_lag(db: Path, timeout: float = 60.0) -> tuple[int, float]:
     started = time.monotonic()
     conn = sqlite3.connect(db)
     try:
-        head = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        head = log_head_seq(conn)
         while time.monotonic() - started < timeout:
             row = conn.execute("SELECT seq FROM checkpoints WHERE name = 'projector'").fetchone()
             if row is not None and row[0] >= head:

@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.db import connect, log_head
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import eventlog, forwarder  # noqa: E402
-from gateway.subscriptions import SecretStore, create_subscription, generate_secret  # noqa: E402
+from gateway.forward import delivery, outbox  # noqa: E402
+from gateway.forward.subscriptions import SecretStore, create_subscription, generate_secret  # noqa: E402
+from gateway.log import eventlog  # noqa: E402
 from tests.helpers_analytics import new_event  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,10 +52,10 @@ def corpus_events(copies: int, one_call: bool) -> list[dict[str, Any]]:
 
 
 def fill(db: str, raws: list[dict[str, Any]]) -> int:
-    conn = eventlog.connect(db, synchronous="OFF")
+    conn = connect(db, synchronous="OFF")
     eventlog.ensure_schema(conn)
     eventlog.append_batch(conn, [new_event(raw, RECEIVED, app_label="app-bench") for raw in raws])
-    head = eventlog.head(conn)[0]
+    head = log_head(conn)[0]
     conn.close()
     return head
 
@@ -80,16 +83,16 @@ def run(events: int, workers: int, one_call: bool, tmp: Path) -> tuple[int, floa
     secret = generate_secret()
     proc, port = start_receiver(run_dir / "received.jsonl", secret)
     try:
-        conn = forwarder.open_db(db)
+        conn = outbox.open_db(db)
         store = SecretStore(str(run_dir / "secrets.db"))
         create_subscription(conn, store, f"http://127.0.0.1:{port}/hook", ["*"], secret, True)
         store.close()
         conn.close()
-        options = forwarder.ForwardOptions(
+        options = delivery.ForwardOptions(
             workers=workers, secrets_db=str(run_dir / "secrets.db"), timeout=10.0
         )
         t0 = time.perf_counter()
-        stats = forwarder.forward_once(db, options)
+        stats = delivery.forward_once(db, options)
         elapsed = time.perf_counter() - t0
     finally:
         proc.terminate()

@@ -4,7 +4,7 @@ In one run, alternating legs over several rounds (A B, then B A, ... so slow dri
 machine hits both sides alike), a separate load-generating process drives
 
   A. bench/minimal_app.py: one POST route returning a small JSON, under the gunicorn
-     settings of `gateway.server.gunicorn_settings` (same workers, threads, worker class);
+     settings of `gateway.web.server.gunicorn_settings` (same workers, threads, worker class);
   B. the real `callgate serve --db <fresh temp db>`, receiving unique encrypted EnableX
      events (aes-256-cbc, hex, utf8, with the corpus APP_ID passed via ENABLEX_APP_ID), so
      every request is decrypted, validated and committed, never answered as a duplicate;
@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 from loadgen import LoadResult, run_python, run_wrk, wrk_path  # noqa: E402
 from minimal_app import options_for  # noqa: E402
 
-from gateway.crypto import encrypt_event  # noqa: E402
-from gateway.server import gunicorn_settings  # noqa: E402
+from gateway.web.server import gunicorn_settings  # noqa: E402
+from gateway.wire.crypto import encrypt_event  # noqa: E402
 from tests.corpus import APP_ID  # noqa: E402
 
 WEBHOOK_PATH = "/webhooks/enablex"

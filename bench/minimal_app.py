@@ -2,7 +2,7 @@
 
 It does no decryption, validation or storage, so its requests/s is what Flask + gunicorn
 alone can answer on this machine with the very settings `callgate serve` uses (taken from
-`gateway.server.gunicorn_settings`); callgate's rate divided by this one is the ratio the
+`gateway.web.server.gunicorn_settings`); callgate's rate divided by this one is the ratio the
 ingest benchmark reports.
 
     .venv/bin/python bench/minimal_app.py --port 8100 [--workers N] [--threads N]
@@ -19,7 +19,7 @@ from flask import Flask, Response, jsonify, request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.server import ConfiguredApplication, ServeOptions  # noqa: E402
+from gateway.web.server import ConfiguredApplication, ServeOptions  # noqa: E402
 
 _DEFAULTS = ServeOptions()
 

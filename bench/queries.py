@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from gateway.db import connect
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
@@ -85,9 +87,8 @@ def rebuild(db: Path) -> str:
         from analytics import projector
     except ImportError as exc:  # pragma: no cover
         return f"analytics.projector not importable ({exc}): projections NOT rebuilt"
-    from gateway import eventlog
 
-    conn = eventlog.connect(str(db))
+    conn = connect(str(db))
     try:
         started = time.perf_counter()
         n = projector.rebuild(conn)
@@ -103,12 +104,12 @@ def rebuild(db: Path) -> str:
 def prepare(db: Path) -> str:
     """Every table Datasette would see (forwarding ones too), as `callgate datasette` makes."""
     try:
-        from analytics.datasette_app import prepare_database
+        from gateway.cli.datasette import prepare_database
 
         prepare_database(db)
     except Exception as exc:  # noqa: BLE001 - report and time whatever tables exist
         return f"prepare_database FAILED ({type(exc).__name__}: {exc})"
-    return "tables ensured with analytics.datasette_app.prepare_database"
+    return "tables ensured with gateway.cli.datasette.prepare_database"
 
 
 # --------------------------------------------------------------------------- the queries

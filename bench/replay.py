@@ -43,10 +43,13 @@ from typing import Any
 
 import orjson
 
+from gateway.db import GENESIS_HASH, connect
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analytics import projector  # noqa: E402
-from gateway import eventlog, schemas  # noqa: E402
+from gateway.log import eventlog  # noqa: E402
+from gateway.wire import schemas  # noqa: E402
 
 EPOCH = datetime(2024, 3, 1, tzinfo=UTC)
 APP_LABEL = "app-" + hashlib.sha256(b"bench-app-id").hexdigest()[:8]
@@ -312,11 +315,11 @@ def generate(db_path: str, n_events: int, seed: int = 7, workers: int | None = N
     path = Path(db_path)
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
-    conn = eventlog.connect(str(path), synchronous="OFF")
+    conn = connect(str(path), synchronous="OFF")
     eventlog.ensure_schema(conn)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     heap: list[tuple[float, int, tuple[Any, ...]]] = []
-    seq, prev = 0, eventlog.GENESIS_HASH
+    seq, prev = 0, GENESIS_HASH
     buffer: list[tuple[Any, ...]] = []
     tiebreak = 0
     columns = eventlog.HASHED_COLUMNS
@@ -424,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         written = generate(args.db, args.events, args.seed)
         print(f"generated {written:,} events in {time.perf_counter() - started:.1f} s "
               f"→ {args.db}")  # fmt: skip
-    conn = eventlog.connect(args.db, synchronous="NORMAL")
+    conn = connect(args.db, synchronous="NORMAL")
     # The raw reads get the same page cache and mmap as the rebuild: a fair floor.
     for name, value in projector._BULK_PRAGMAS.items():
         conn.execute(f"PRAGMA {name} = {value}")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DB = "data/callgate.db"
+DATASETTE_TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
 DEFAULT_MAX_BODY = 1024 * 1024  # EnableX events are < 1 kB; refuse megabyte bodies unread.
 
 
@@ -14,6 +17,10 @@ def _flag(value: str | None, default: bool) -> bool:
     if value is None or value.strip() == "":
         return default
     return value.strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _number(value: str | None, kind: type[int] | type[float]) -> Any:
+    return kind(value) if value and value.strip() else None
 
 
 def split_app_ids(value: str | None) -> tuple[str, ...]:
@@ -36,10 +43,18 @@ class Config:
     group_commit: bool = True
     # EnableX waits about 5 s for an answer: fail fast with 503 (it redelivers) rather than late.
     busy_timeout: float = 2.0
-    extra: dict[str, str] = field(default_factory=dict)
+    # Forwarding and the read side: the same variables whichever command reads them.
+    secrets_db: str | None = None
+    retry_schedule: str | None = None
+    forward_workers: int | None = None
+    forward_timeout: float | None = None
+    forward_source: str | None = None
+    datasette_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, db_path: str | None = None, env: dict[str, str] | None = None) -> Config:
+    def from_env(
+        cls, db_path: str | None = None, env: Mapping[str, str] | None = None
+    ) -> Config:
         env = dict(os.environ if env is None else env)
         return cls(
             db_path=db_path or env.get("CALLGATE_DB") or DEFAULT_DB,
@@ -49,6 +64,12 @@ class Config:
             max_body=int(env.get("CALLGATE_MAX_BODY") or DEFAULT_MAX_BODY),
             synchronous=(env.get("CALLGATE_SYNCHRONOUS") or "FULL").upper(),
             group_commit=_flag(env.get("CALLGATE_GROUP_COMMIT"), True),
+            secrets_db=env.get("CALLGATE_SECRETS_DB") or None,
+            retry_schedule=env.get("CALLGATE_RETRY_SCHEDULE") or None,
+            forward_workers=_number(env.get("CALLGATE_FORWARD_WORKERS"), int),
+            forward_timeout=_number(env.get("CALLGATE_FORWARD_TIMEOUT"), float),
+            forward_source=env.get("CALLGATE_FORWARD_SOURCE") or None,
+            datasette_token=env.get(DATASETTE_TOKEN_ENV) or None,
         )
 
     def ensure_db_dir(self) -> None:

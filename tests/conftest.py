@@ -19,8 +19,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gateway.app import create_app
 from gateway.config import Config
+from gateway.web.app import create_app
 from tests.corpus import APP_ID
 
 if TYPE_CHECKING:  # imported lazily below: test_datasette_helpers imports this module

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from analytics import projector, tables
-from gateway import eventlog, ingest, schemas
+from gateway.db import connect
+from gateway.log import eventlog, intake
+from gateway.wire import schemas
 from tests.corpus import Flow, flows
 
 RECEIVED_AT = "2024-03-20T00:00:00.000Z"
@@ -88,7 +90,7 @@ def normalised(raw_events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def open_log(path: str, synchronous: str = "OFF") -> sqlite3.Connection:
     """A real log file with the projection tables; durability is not under test here."""
-    conn = eventlog.connect(path, synchronous=synchronous)
+    conn = connect(path, synchronous=synchronous)
     projector.ensure_tables(conn)
     return conn
 
@@ -102,7 +104,7 @@ def new_event(
     """As the gateway logs it: with `conn`, its arrival-time guess at bridge legs applied."""
     event = schemas.normalise(raw, received_at)
     if conn is not None:
-        event = ingest.refine_leg(conn, event)
+        event = intake.refine_leg(conn, event)
     return eventlog.NewEvent(
         event=event,
         raw_text=json.dumps(raw),

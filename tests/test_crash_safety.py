@@ -30,8 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import eventlog
-from gateway.crypto import encrypt_event
+from gateway.db import connect
+from gateway.log import eventlog
+from gateway.wire.crypto import encrypt_event
 from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
 
@@ -211,7 +212,7 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
             projector.kill()
     elapsed = time.perf_counter() - started
 
-    conn = eventlog.connect(db)
+    conn = connect(db)
     rows = conn.execute("SELECT seq, event_id FROM events")
     logged = {row["event_id"]: row["seq"] for row in rows}
     n_logged = conn.execute("SELECT count(*) FROM events").fetchone()[0]

@@ -1,4 +1,4 @@
-"""Tests for gateway.crypto: Node createCipher/createDecipher compatibility, strictness, errors.
+"""Tests for gateway.wire.crypto: Node createCipher/createDecipher compatibility, strictness.
 
 The corpus was produced by Node's real crypto.createCipher, and the openssl CLI is an
 independent implementation of EVP_BytesToKey + the ciphers, so both pin byte compatibility.
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.crypto import (
+from gateway.wire.crypto import (
     SUPPORTED_ALGORITHMS,
     CipherSpec,
     CryptoError,

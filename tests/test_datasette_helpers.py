@@ -2,7 +2,7 @@
 the corpus computed straight from the flow files, and a real Datasette process.
 
 The database goes through the real write path (ingest.interpret → eventlog.append,
-rejections via ingest.reject, projector.rebuild, the forwarder against real HTTP
+rejections via intake.reject, projector.rebuild, the forwarder against real HTTP
 endpoints). The reference model never reads that database: it re-derives every
 figure from the flows' raw events and `expect` blocks, so a canned query is
 checked against numbers it did not produce.
@@ -30,10 +30,13 @@ from typing import Any
 import httpx
 
 from analytics import projector
-from analytics.datasette_app import TOKEN_ENV, datasette_argv, prepare_database
-from gateway import eventlog, ingest
+from analytics.datasette_app import TOKEN_ENV, datasette_argv
+from gateway.cli.datasette import prepare_database
 from gateway.config import Config
-from gateway.subscriptions import SecretStore, create_subscription, secrets_path
+from gateway.db import connect
+from gateway.forward.subscriptions import SecretStore, create_subscription, secrets_path
+from gateway.log import eventlog, intake
+from gateway.wire import ingest
 from tests.conftest import CALLGATE, free_port, wait_http
 from tests.corpus import APP_ID, cases, flows
 
@@ -47,7 +50,7 @@ REJECTIONS_START = datetime(2024, 3, 19, 0, 0, tzinfo=UTC)
 
 
 def parse_time(text: str) -> datetime:
-    """EnableX timestamps as WIRE.md §4.2 lists them, parsed independently of gateway.schemas."""
+    """EnableX timestamps as WIRE.md lists them, parsed independently of gateway.wire.schemas."""
     match = re.fullmatch(
         r"(\d{4}-\d{2}-\d{2})T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(?:(Z)|-00Z|([+-]\d{2}):(\d{2}))",
         text,
@@ -243,7 +246,7 @@ def build_database(directory: Path) -> Built:
     """Every corpus request through ingest, then projections and a forwarding run."""
     db = str(directory / "callgate.db")
     prepare_database(db)
-    conn = eventlog.connect(db)
+    conn = connect(db)
     config = Config(db_path=db, app_ids=(APP_ID,))
     calls: dict[str, RefCall] = {}
     unique: dict[str, RefEvent] = {}
@@ -261,7 +264,7 @@ def build_database(directory: Path) -> Built:
             at = timestamp_of(raw)
             ref = unique[key] = RefEvent(raw, at, arrival, delay_ms(arrival))
         received_at = utc_text(ref.at + timedelta(milliseconds=ref.delay_ms))
-        eventlog.append(conn, ingest.to_new_event(conn, verdict, received_at))
+        eventlog.append(conn, intake.to_new_event(conn, verdict, received_at))
 
     for flow in flows():
         assert len(flow.wire) == len(flow.events), flow.name
@@ -290,7 +293,7 @@ def build_database(directory: Path) -> Built:
         verdict = ingest.interpret(ingest.Headers.of(request.headers), request.body, config, "")
         assert isinstance(verdict, ingest.Rejected), case["name"]
         received_at = utc_text(REJECTIONS_START + timedelta(seconds=number))
-        ingest.reject(conn, verdict, ingest.Headers.of(request.headers), request.body, "POST",
+        intake.reject(conn, verdict, ingest.Headers.of(request.headers), request.body, "POST",
                       "/webhooks/enablex", "127.0.0.1", received_at)
         rejections.append({"error": case["expect"]["error"],
                            "http_status": case["expect"]["http_status"],
@@ -303,7 +306,7 @@ def build_database(directory: Path) -> Built:
     # hang cannot stall the suite) tries each delivery twice (schedule 0, 0), then gives up.
     server, base = _serve_http({"/ok": 200, "/fail": 500})
     closed = free_port()
-    store = SecretStore(secrets_path(db, {}))
+    store = SecretStore(secrets_path(db))
     subscriptions = {}
     for role, url in (("ok", base + "/ok"), ("failing", base + "/fail"),
                       ("unreachable", f"http://127.0.0.1:{closed}/gone")):
@@ -356,7 +359,9 @@ class Datasette:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Datasette:
-        argv = datasette_argv(self.db, "127.0.0.1", self.port, env=self.env)
+        argv = datasette_argv(
+            self.db, "127.0.0.1", self.port, token_configured=bool(self.env.get(TOKEN_ENV))
+        )
         with open(f"{self.db}.datasette-{self.port}.log", "ab") as log:
             self.proc = subprocess.Popen(
                 argv, env=self.env, stdout=log, stderr=log, start_new_session=True

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from analytics.datasette_app import METADATA_PATH, TOKEN_ENV, rendered_metadata_path
+from gateway.db import connect, utc_now
 from tests.conftest import CALLGATE, free_port, wait_http
 from tests.test_datasette_helpers import (
     OPERATOR_TOKEN,
@@ -193,8 +194,9 @@ def test_without_token_operator_access_is_off_not_broken(built: Built) -> None:
 def test_callgate_datasette_command_serves_mutable_db(tmp_path: Path) -> None:
     """The real CLI: creates the schema, serves it mutable (WAL), sees new rows live."""
     from analytics import projector
-    from gateway import eventlog, ingest
     from gateway.config import Config
+    from gateway.log import eventlog, intake
+    from gateway.wire import ingest
     from tests.corpus import APP_ID, flows
 
     db = str(tmp_path / "fresh" / "callgate.db")
@@ -216,15 +218,15 @@ def test_callgate_datasette_command_serves_mutable_db(tmp_path: Path) -> None:
             response = httpx.get(f"{url}/callgate/{name}.json?_shape=array", headers=auth)
             assert response.status_code == 200, (name, response.text[:300])
         # Write through the real path while Datasette runs: it must see the WAL.
-        conn = eventlog.connect(db)
+        conn = connect(db)
         config = Config(db_path=db, app_ids=(APP_ID,))
         flow = flows()[0]
         for request in flow.wire:
             verdict = ingest.interpret(
-                ingest.Headers.of(request.headers), request.body, config, eventlog.utc_now()
+                ingest.Headers.of(request.headers), request.body, config, utc_now()
             )
             assert isinstance(verdict, ingest.Accepted)
-            eventlog.append(conn, ingest.to_new_event(conn, verdict, eventlog.utc_now()))
+            eventlog.append(conn, intake.to_new_event(conn, verdict, utc_now()))
         projector.project_all(conn)
         conn.close()
         calls = httpx.get(url + "/callgate/calls.json?_shape=array").json()

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from analytics import projector, summaries, tables
-from analytics.datasette_app import load_metadata, prepare_database
-from gateway import eventlog
+from analytics.datasette_app import load_metadata
+from gateway.cli.datasette import prepare_database
+from gateway.db import connect
+from gateway.log import eventlog
 from tests.helpers_analytics import new_event, open_log, synthetic_log
 
 OLD_PEAK_CONCURRENCY = """
@@ -305,7 +307,7 @@ def test_a_database_built_by_an_older_callgate_is_upgraded(tmp_path: Path) -> No
 
     prepare_database(path)
 
-    conn = eventlog.connect(str(path))
+    conn = connect(str(path))
     stored = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
     for table in tables.ALL_TABLES:
         for name, sql in table.index_definitions():

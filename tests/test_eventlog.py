@@ -8,16 +8,18 @@ import subprocess
 
 import pytest
 
-from gateway import eventlog
 from gateway.config import Config
-from gateway.ingest import Headers, ingest_request, reprocess
+from gateway.db import GENESIS_HASH, connect
+from gateway.log import eventlog
+from gateway.log.intake import ingest_request, reprocess
+from gateway.wire.ingest import Headers
 from tests.conftest import CALLGATE
 from tests.corpus import APP_ID, flows
 
 
 def fill(db_path: str, config: Config | None = None, migrate: bool = True) -> int:
     config = config or Config(db_path=db_path, app_ids=(APP_ID,))
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     if migrate:
         eventlog.ensure_schema(conn)
     for flow in flows()[:4]:
@@ -41,11 +43,11 @@ def test_update_and_delete_are_refused(db_path) -> None:
 
 def test_chain_verifies_and_links(db_path) -> None:
     count = fill(db_path)
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     result = eventlog.verify(conn)
     assert result.ok and result.checked == count and result.head_seq == count
     rows = conn.execute("SELECT prev_hash, hash FROM events ORDER BY seq").fetchall()
-    assert rows[0][0] == eventlog.GENESIS_HASH
+    assert rows[0][0] == GENESIS_HASH
     assert all(rows[i][0] == rows[i - 1][1] for i in range(1, len(rows)))
 
 
@@ -92,7 +94,7 @@ def test_head_is_printed_for_anchoring(db_path) -> None:
     out = subprocess.run(
         [CALLGATE, "verify", "--db", db_path, "--head"], capture_output=True, text=True, timeout=60
     ).stdout.split()
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     assert out == [str(count), conn.execute("SELECT hash FROM events WHERE seq = ?",
                                             (count,)).fetchone()[0]]
 
@@ -100,7 +102,7 @@ def test_head_is_printed_for_anchoring(db_path) -> None:
 def test_reprocess_turns_a_wrong_app_id_rejection_into_an_event(db_path) -> None:
     without = Config(db_path=db_path, app_ids=("some-other-app",))
     flow = flows()[0]
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     for request in flow.wire:
         outcome = ingest_request(conn, without, Headers.of(request.headers), request.body)
@@ -118,7 +120,7 @@ def test_reprocess_turns_a_wrong_app_id_rejection_into_an_event(db_path) -> None
 
 def test_reprocess_command(db_path) -> None:
     flow = flows()[1]
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     for request in flow.wire:
         ingest_request(conn, Config(db_path=db_path), Headers.of(request.headers), request.body)
@@ -142,13 +144,13 @@ def test_ingest_command_imports_captured_requests(db_path, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     unique = sum(f.expect["unique_events"] for f in flows())
     assert f"accepted={unique}" in out.stdout and "rejected=1" in out.stdout
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == unique
     assert eventlog.verify(conn).ok
 
 
 def test_schema_is_versioned_and_idempotent(db_path) -> None:
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     eventlog.ensure_schema(conn)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == eventlog.SCHEMA_VERSION
@@ -158,7 +160,7 @@ def test_schema_is_versioned_and_idempotent(db_path) -> None:
 
 def test_a_version_1_log_loses_the_event_id_index_and_keeps_its_events(db_path) -> None:
     """Migration 2 on a log written by schema 1: same rows, same chain, one index fewer."""
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     conn.execute("BEGIN IMMEDIATE")
     eventlog.MIGRATIONS[1](conn)
     conn.execute("PRAGMA user_version = 1")
@@ -176,7 +178,7 @@ def test_a_version_1_log_loses_the_event_id_index_and_keeps_its_events(db_path) 
 
 def test_event_ids_are_found_through_the_content_hash_index(db_path) -> None:
     fill(db_path)
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     wanted = [row[0] for row in conn.execute("SELECT event_id FROM events WHERE seq IN (2, 5)")]
     clause, params = eventlog.event_id_match([*wanted, "ev_not-an-id", "ev_" + "0" * 24])
     found = [row[0] for row in conn.execute(

@@ -11,7 +11,7 @@ import pytest
 
 from analytics import folds, tables
 from analytics.folds import project_broadcast, project_call
-from gateway.schemas import normalise
+from gateway.wire.schemas import normalise
 from tests.helpers_analytics import RECEIVED_AT, check_call, corpus, expected_calls, normalised
 
 FLOWS = corpus()
@@ -405,3 +405,10 @@ def test_every_permutation_of_a_small_call_folds_identically() -> None:
     ]
     results = {json.dumps(project_call(list(p))["calls"]) for p in itertools.permutations(events)}
     assert len(results) == 1
+
+
+def test_call_row_fields_are_the_calls_columns_in_order() -> None:
+    """fold_call builds `calls` rows by name; the names must be the table's, in its order."""
+    from analytics import folds, tables
+
+    assert list(folds.CallRow._fields) == [column[0] for column in tables.CALLS.columns]

@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from gateway import eventlog, forwarder
 from gateway.cli import main as cli
-from gateway.subscriptions import event_type, generate_secret, matches, normalise_patterns
+from gateway.config import Config
+from gateway.db import connect, log_head
+from gateway.forward import delivery, envelope, outbox
+from gateway.forward.redeliver import redeliver
+from gateway.forward.subscriptions import event_type, generate_secret, matches, normalise_patterns
+from gateway.log import eventlog
 from tests.helpers_analytics import append_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,10 +44,10 @@ def flow(name: str) -> Path:
 
 def append_raw(db: str, raws: list[dict[str, Any]]) -> int:
     """Normalise raw EnableX events and append them, as the gateway would; returns the head."""
-    conn = eventlog.connect(db)
+    conn = connect(db)
     eventlog.ensure_schema(conn)
     append_all(conn, raws, app_label="app-test")
-    head = eventlog.head(conn)[0]
+    head = log_head(conn)[0]
     conn.close()
     return head
 
@@ -57,14 +61,14 @@ def fill_log(db: str, flows: list[Path] | None = None) -> int:
 
 
 def log_events(db: str) -> list[dict[str, Any]]:
-    conn = eventlog.connect(db)
+    conn = connect(db)
     rows = [dict(r) for r in conn.execute("SELECT * FROM events ORDER BY seq")]
     conn.close()
     return rows
 
 
 def query(db: str, sql: str, *params: Any) -> list[dict[str, Any]]:
-    conn = eventlog.connect(db)
+    conn = connect(db)
     rows = [dict(r) for r in conn.execute(sql, params)]
     conn.close()
     return rows
@@ -143,10 +147,10 @@ def subscribe(db: str, url: str, *extra: str) -> tuple[str, str]:
     return sub_id, secrets[0] if secrets else ""
 
 
-def options(**kw: Any) -> forwarder.ForwardOptions:
+def options(**kw: Any) -> delivery.ForwardOptions:
     base: dict[str, Any] = dict(schedule=QUICK, workers=4, timeout=3.0, poll_interval=0.05)
     base.update(kw)
-    return forwarder.ForwardOptions(**base)
+    return delivery.ForwardOptions(**base)
 
 
 def assert_per_call_order(records: list[dict[str, Any]]) -> None:
@@ -204,19 +208,21 @@ def test_patterns_types_and_schedule() -> None:
     assert event_type("call", "incomingcall") == "enablex.voice.call.incomingcall"
     with pytest.raises(ValueError):
         normalise_patterns(["call connected"])
-    assert forwarder.parse_schedule("0,5,5m,30m,2h") == (0, 5, 300, 1800, 7200)
-    assert forwarder.parse_schedule("0, 0.2 ,1") == (0, 0.2, 1)
+    assert delivery.parse_schedule("0,5,5m,30m,2h") == (0, 5, 300, 1800, 7200)
+    assert delivery.parse_schedule("0, 0.2 ,1") == (0, 0.2, 1)
     for bad in ("", "1,-1", "x"):
         with pytest.raises(ValueError):
-            forwarder.parse_schedule(bad)
-    assert forwarder.ForwardOptions().schedule == forwarder.DEFAULT_SCHEDULE
-    env_opts = forwarder.ForwardOptions.from_env({"CALLGATE_RETRY_SCHEDULE": "0,1,2"})
+            delivery.parse_schedule(bad)
+    assert delivery.ForwardOptions().schedule == outbox.DEFAULT_SCHEDULE
+    env_opts = delivery.ForwardOptions.from_config(
+        Config.from_env(env={"CALLGATE_RETRY_SCHEDULE": "0,1,2"})
+    )
     assert env_opts.schedule == (0, 1, 2)
-    assert forwarder.parse_retry_after("7") == 7
-    assert forwarder.parse_retry_after("soon") is None
-    assert forwarder.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
-    assert forwarder.message_id("sub_a", "ev_1") == forwarder.message_id("sub_a", "ev_1")
-    assert forwarder.message_id("sub_a", "ev_1") != forwarder.message_id("sub_b", "ev_1")
+    assert delivery.parse_retry_after("7") == 7
+    assert delivery.parse_retry_after("soon") is None
+    assert delivery.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10
+    assert envelope.message_id("sub_a", "ev_1") == envelope.message_id("sub_a", "ev_1")
+    assert envelope.message_id("sub_a", "ev_1") != envelope.message_id("sub_b", "ev_1")
 
 
 def test_corpus_delivered_once_per_webhook_id(
@@ -240,7 +246,7 @@ def test_corpus_delivered_once_per_webhook_id(
         "--from-start",
     )
 
-    stats = forwarder.forward_once(db, options())
+    stats = delivery.forward_once(db, options())
     wanted_calls = [
         e for e in events if matches(["call.*", "recording.completed"], e["class"], e["state"])
     ]
@@ -254,9 +260,9 @@ def test_corpus_delivered_once_per_webhook_id(
     by_path: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for rec in records:
         by_path[rec["path"]][rec["webhook_id"]] = rec
-    assert set(by_path["/all"]) == {forwarder.message_id(sub_all, e["event_id"]) for e in events}
+    assert set(by_path["/all"]) == {envelope.message_id(sub_all, e["event_id"]) for e in events}
     assert set(by_path["/calls"]) == {
-        forwarder.message_id(sub_calls, e["event_id"]) for e in wanted_calls
+        envelope.message_id(sub_calls, e["event_id"]) for e in wanted_calls
     }
     assert all(r["verified"] == [True, False] for r in by_path["/all"].values())
     assert all(r["verified"] == [False, True] for r in by_path["/calls"].values())
@@ -287,13 +293,13 @@ def test_corpus_delivered_once_per_webhook_id(
     assert all('"ok": true' in a["response_body"] for a in attempts)
 
     # A second run has nothing to do; a replay of one call resends the same ids and bytes.
-    assert forwarder.forward_once(db, options()).attempts == 0
+    assert delivery.forward_once(db, options()).attempts == 0
     voice = json.loads(flow("02").read_text())["expect"]["voice_id"]
-    conn = forwarder.open_db(db)
-    plan = forwarder.redeliver(conn, voice_ids=[voice], subscription_id=sub_all)
+    conn = outbox.open_db(db)
+    plan = redeliver(conn, voice_ids=[voice], subscription_id=sub_all)
     conn.close()
     assert plan and {p.action for p in plan} == {"requeue"}
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     replayed = rx.records()[len(records) :]
     assert len(replayed) == len(plan)
     for rec in replayed:
@@ -312,7 +318,7 @@ def test_failing_receiver_retries_recorded_then_delivered(
     subscribe(db, rx.url(), "--secret", secret)
     head = fill_log(db, [flow("22"), flow("08")])
 
-    stats = forwarder.forward_once(db, options(), drain=True)
+    stats = delivery.forward_once(db, options(), drain=True)
     assert stats.delivered == head and stats.retrying == 2 * head and stats.dead == 0
 
     attempts = query(db, "SELECT * FROM delivery_attempts ORDER BY delivery_id, attempt")
@@ -343,7 +349,7 @@ def test_retry_after_is_honoured_and_jitter_bounded(
     receivers.append(rx)
     subscribe(db, rx.url(), "--secret", secret)
     fill_log(db, [flow("22")])
-    forwarder.forward_once(db, options(schedule=(0, 0.05)), drain=True)
+    delivery.forward_once(db, options(schedule=(0, 0.05)), drain=True)
     records = rx.records()
     first = {r["webhook_id"]: r["received_at"] for r in records if r["try"] == 1}
     for rec in records:
@@ -357,7 +363,7 @@ def test_retry_after_is_honoured_and_jitter_bounded(
     receivers.append(rx2)
     subscribe(db2, rx2.url(), "--secret", secret)
     fill_log(db2, [flow("22")])
-    forwarder.forward_once(db2, options(schedule=(0, 100)))
+    delivery.forward_once(db2, options(schedule=(0, 100)))
     for row in query(db2, "SELECT * FROM delivery_attempts"):
         wait = _seconds(row["next_attempt_at"]) - _seconds(row["started_at"])
         assert 80 - 0.5 <= wait <= 120 + 0.5, wait
@@ -386,9 +392,9 @@ def test_receiver_down_then_everything_in_per_call_order(
     first, second = FLOWS[:8], FLOWS[8:]
     fill_log(db, first)
     stop = threading.Event()
-    result: list[forwarder.ForwardStats] = []
+    result: list[delivery.ForwardStats] = []
     opts = options(schedule=(0,) + (0.25,) * 40)
-    thread = threading.Thread(target=lambda: result.append(forwarder.follow(db, stop, opts)))
+    thread = threading.Thread(target=lambda: result.append(delivery.follow(db, stop, opts)))
     thread.start()
     try:
         _wait_for(lambda: query(db, "SELECT count(*) n FROM delivery_attempts")[0]["n"] >= 10)
@@ -424,7 +430,7 @@ def test_one_stuck_call_waits_while_other_calls_flow(
     receivers.append(rx)
     subscribe(db, rx.url(), "--secret", secret)
     fill_log(db, [flow("22"), flow("02"), flow("08"), flow("14")])
-    forwarder.forward_once(db, options(schedule=(0, 0.5, 0.5)), drain=True)
+    delivery.forward_once(db, options(schedule=(0, 0.5, 0.5)), drain=True)
 
     records = rx.records()
     stuck_ok = [r for r in records if r["envelope"]["subject"] == stuck and r["status"] == 200]
@@ -450,7 +456,7 @@ def test_410_gone_disables_the_subscription(
     sub_gone, _ = subscribe(db, gone.url(), "--secret", secret)
     sub_fine, _ = subscribe(db, fine.url(), "--secret", secret)
     head = fill_log(db, FLOWS[:5])
-    stats = forwarder.forward_once(db, options(workers=2))
+    stats = delivery.forward_once(db, options(workers=2))
     assert stats.disabled == [sub_gone]
     assert len(gone.records()) <= 2  # only what was already in flight
     assert len(fine.records()) == head == stats.delivered
@@ -466,7 +472,7 @@ def test_410_gone_disables_the_subscription(
     assert {a["outcome"] for a in gone_attempts} == {"gone"}
 
     fill_log(db, FLOWS[5:7])  # later traffic is not even queued for the disabled subscription
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     assert len(gone.records()) <= 2
     assert not query(
         db, "SELECT 1 FROM deliveries WHERE subscription_id = ? AND seq > ?", sub_gone, head
@@ -481,7 +487,7 @@ def test_dead_letters_are_redelivered(db: str, tmp_path: Path, receivers: list[R
     receivers.append(rx)
     sub_id, _ = subscribe(db, rx.url(), "--secret", secret)
     head = fill_log(db, [flow("22"), flow("08")])
-    stats = forwarder.forward_once(db, options(schedule=(0, 0.05)), drain=True)
+    stats = delivery.forward_once(db, options(schedule=(0, 0.05)), drain=True)
     assert stats.dead == head and stats.delivered == 0
     health = json.loads(run_cli("subscriptions", "--db", db, "--json"))[0]
     assert health["dead"] == head and health["pending"] == 0 and health["last_failure_at"]
@@ -492,7 +498,7 @@ def test_dead_letters_are_redelivered(db: str, tmp_path: Path, receivers: list[R
 
     out = run_cli("redeliver", "--dead", "--subscription", sub_id, "--db", db)
     assert f"queued {head}" in out
-    stats = forwarder.forward_once(db, options(schedule=(0, 0.05)), drain=True)
+    stats = delivery.forward_once(db, options(schedule=(0, 0.05)), drain=True)
     assert stats.delivered == head
     rows = query(db, "SELECT status, attempts, redeliveries FROM deliveries")
     assert {(r["status"], r["attempts"], r["redeliveries"]) for r in rows} == {("delivered", 3, 1)}
@@ -512,7 +518,7 @@ def test_redeliver_by_event_call_and_time_range(
     receivers.append(rx)
     fill_log(db, [flow("02"), flow("08")])
     sub_id, _ = subscribe(db, rx.url(), "--secret", secret)  # only new events by default
-    assert forwarder.forward_once(db, options()).attempts == 0
+    assert delivery.forward_once(db, options()).attempts == 0
     events = log_events(db)
 
     result = CliRunner().invoke(cli, ["redeliver", "--db", db])
@@ -521,7 +527,7 @@ def test_redeliver_by_event_call_and_time_range(
     target = events[3]
     out = run_cli("redeliver", "--event", target["event_id"], "--db", db)
     assert out.startswith("create") and "queued 1" in out
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     assert [r["envelope"]["callgateeventid"] for r in rx.records()] == [target["event_id"]]
 
     voice = events[-1]["voice_id"]
@@ -533,7 +539,7 @@ def test_redeliver_by_event_call_and_time_range(
     dry = run_cli("redeliver", "--since", since, "--until", until, "--dry-run", "--db", db)
     assert f"would queue {len(in_range)}" in dry
     run_cli("redeliver", "--call", voice, "--subscription", sub_id, "--db", db)
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     got = [r["envelope"]["callgateseq"] for r in rx.records()[1:]]
     assert got == [e["seq"] for e in call_events]
 
@@ -550,7 +556,7 @@ def test_rotation_signs_with_both_secrets_during_overlap(
     rx.args += ["--secret", old, "--secret", new]
     receivers.append(rx.start())
     head = fill_log(db, [flow("22"), flow("08")])
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     records = rx.records()
     assert len(records) == head
     # A receiver verifying with only the old secret, or only the new one, accepts every delivery.
@@ -563,7 +569,7 @@ def test_rotation_signs_with_both_secrets_during_overlap(
     rx2 = Receiver(tmp_path, secrets=(old, new, newest), port=rx.port).start()
     receivers.append(rx2)
     head2 = fill_log(db, [flow("02")])
-    forwarder.forward_once(db, options())
+    delivery.forward_once(db, options())
     records = rx2.records()
     assert len(records) == head2 - head
     assert all(r["signatures"] == 1 and r["verified"] == [False, False, True] for r in records)
@@ -604,8 +610,8 @@ def test_subscribe_list_unsubscribe_cli(db: str, tmp_path: Path) -> None:
     assert "DISABLED" in run_cli("subscriptions", "--db", db)
     result = runner.invoke(cli, ["rotate-secret", sub_id, "--db", db])
     assert result.exit_code == 2 and "disabled" in result.output
-    conn = forwarder.open_db(db)
-    from gateway.subscriptions import SecretStore, secrets_path
+    conn = outbox.open_db(db)
+    from gateway.forward.subscriptions import SecretStore, secrets_path
 
     store = SecretStore(secrets_path(db))
     assert store.active(sub_id) == []
@@ -652,7 +658,7 @@ def test_redelivered_older_event_never_overtakes_one_in_flight(
     first, second = json.loads(flow("22").read_text())["events"][:2]
     append_raw(db, [first])
     stop = threading.Event()
-    thread = threading.Thread(target=forwarder.follow, args=(db, stop, options()))
+    thread = threading.Thread(target=delivery.follow, args=(db, stop, options()))
     thread.start()
     try:
         _wait_for(lambda: len(rx.records()) == 1)
@@ -667,8 +673,8 @@ def test_redelivered_older_event_never_overtakes_one_in_flight(
                 == 1
             )
         )
-        conn = forwarder.open_db(db)
-        plan = forwarder.redeliver(conn, event_ids=[log_events(db)[0]["event_id"]])
+        conn = outbox.open_db(db)
+        plan = redeliver(conn, event_ids=[log_events(db)[0]["event_id"]])
         conn.close()
         assert [p.action for p in plan] == ["requeue"]
         _wait_for(lambda: len(rx.records()) == 3)

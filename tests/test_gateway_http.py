@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from gateway import crypto
 from gateway.config import Config
+from gateway.wire import crypto
 from tests.corpus import APP_ID, cases, flows
 
 URL = "/webhooks/enablex"

@@ -11,20 +11,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 
-from gateway import eventlog
-from gateway import writer as writer_module
-from gateway.writer import BatchWriter, WriterLock
+from gateway.db import connect, utc_now
+from gateway.log import eventlog
+from gateway.log import writer as writer_module
+from gateway.log.writer import BatchWriter, WriterLock
 
 
 def new_event(n: int) -> eventlog.NewEvent:
     raw = {"voice_id": f"call-{n}", "state": "ringing", "timestamp": "2024-03-11T09:15:00Z"}
     event = {"voice_id": f"call-{n}", "class": "call", "state": "ringing",
              "occurred_at": "2024-03-11T09:15:00.000Z"}
-    return eventlog.NewEvent(event, json.dumps(raw), raw, "plaintext", eventlog.utc_now())
+    return eventlog.NewEvent(event, json.dumps(raw), raw, "plaintext", utc_now())
 
 
 def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     writer = BatchWriter(db_path)
     # Hold the write lock so submissions pile up behind the writer's first attempt.
@@ -44,7 +45,7 @@ def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
 
 
 def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     writer = BatchWriter(db_path)
     blocker = sqlite3.connect(db_path, isolation_level=None)
@@ -60,7 +61,7 @@ def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
 
 
 def test_a_failed_commit_fails_every_waiter_and_the_writer_recovers(db_path) -> None:
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     writer = BatchWriter(db_path)
     blocker = sqlite3.connect(db_path, isolation_level=None, timeout=0)
@@ -110,7 +111,7 @@ def test_two_writer_processes_take_turns_without_lock_errors(db_path) -> None:
     that keeps losing the race hit its busy timeout under load and the gateway
     answered 503s; taking turns on the writer lock keeps every wait to a commit or two.
     """
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     # spawn, not fork: forking the test process while other tests' threads may hold
     # SQLite's or the allocator's locks can leave a child blocked forever on one.
@@ -132,7 +133,7 @@ def test_two_writer_processes_take_turns_without_lock_errors(db_path) -> None:
 
 def test_writer_lock_wait_is_bounded_and_reads_as_a_locked_database(db_path) -> None:
     """A writer lock held elsewhere fails the batch like a locked database (→ 503)."""
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     holder = WriterLock(db_path, timeout=1.0)
     with holder:
@@ -153,7 +154,7 @@ def test_writer_lock_wait_is_bounded_and_reads_as_a_locked_database(db_path) -> 
 def test_the_wal_is_checkpointed_in_the_background_not_on_the_commit_path(db_path) -> None:
     """Pages reach the database file while no webhook waits: nothing commits after the
     appends, yet the WAL is copied into the database within a few CHECKPOINT_SECONDS."""
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     conn.close()
     writer = BatchWriter(db_path)
@@ -165,7 +166,7 @@ def test_the_wal_is_checkpointed_in_the_background_not_on_the_commit_path(db_pat
         assert time.monotonic() < deadline, "the WAL was never checkpointed"
         time.sleep(0.05)
     writer.close()
-    reader = eventlog.connect(db_path)
+    reader = connect(db_path)
     assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 200
 
 
@@ -180,7 +181,7 @@ def test_the_wal_starts_over_while_writes_never_pause(db_path) -> None:
     """Under continuous commits a checkpoint running beside them never reaches the end of
     the WAL, so the WAL would only restart at the writers' 10,000-page backstop, on the
     commit path. The checkpointer pauses the writers for the last few pages instead."""
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     writer = BatchWriter(db_path)
     writer.submit(lambda c: new_event(-1))
@@ -211,7 +212,7 @@ def test_one_checkpointer_per_log_and_another_takes_over_when_it_stops(db_path) 
     two open files of one process as between processes, so two writers here stand for
     two workers; closing the leader's stands for its process dying (the kernel drops
     the lock either way)."""
-    conn = eventlog.connect(db_path)
+    conn = connect(db_path)
     eventlog.ensure_schema(conn)
     conn.close()
     writers = [BatchWriter(db_path), BatchWriter(db_path)]

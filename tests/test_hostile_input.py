@@ -28,8 +28,8 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import crypto
 from gateway.config import DEFAULT_MAX_BODY, Config
+from gateway.wire import crypto
 from tests.corpus import APP_ID, all_wire_requests, cases
 
 URL = "/webhooks/enablex"

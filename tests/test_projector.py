@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from analytics import folds, projector, tables
-from gateway import eventlog
 from gateway.config import Config
-from gateway.ingest import Headers, ingest_request
+from gateway.db import connect
+from gateway.log.intake import ingest_request
+from gateway.wire.ingest import Headers
 from tests.corpus import APP_ID
 from tests.helpers_analytics import (
     append_all,
@@ -64,7 +65,7 @@ def corpus_db(tmp_path: Path) -> str:
 
 
 def test_corpus_over_the_wire_projects_to_expect(corpus_db: str) -> None:
-    conn = eventlog.connect(corpus_db)
+    conn = connect(corpus_db)
     consumed = projector.project_all(conn, batch=7)
     head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
     assert consumed == head and projector.lag(conn) == (head, head)
@@ -88,7 +89,7 @@ def test_corpus_over_the_wire_projects_to_expect(corpus_db: str) -> None:
 
 
 def test_timeline_view_is_the_folds_timeline(corpus_db: str) -> None:
-    conn = eventlog.connect(corpus_db)
+    conn = connect(corpus_db)
     projector.project_all(conn)
     voice_ids = [r[0] for r in conn.execute("SELECT voice_id FROM calls ORDER BY voice_id")]
     assert len(voice_ids) == sum(len(expected_calls(f.expect)) for f in FLOWS)
@@ -117,7 +118,7 @@ def test_timeline_view_is_the_folds_timeline(corpus_db: str) -> None:
 def test_project_twice_changes_nothing(corpus_db: str) -> None:
     first = callgate("project", "--db", corpus_db)
     assert first.returncode == 0, first.stderr
-    conn = eventlog.connect(corpus_db)
+    conn = connect(corpus_db)
     head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
     assert f"projected {head} events" in first.stdout
     before = snapshot(conn)
@@ -154,7 +155,7 @@ def test_rebuild_is_invisible_to_readers_until_it_commits(tmp_path: Path) -> Non
     old_calls = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
     old_checkpoint = projector.checkpoint(conn)
     append_all(conn, raw[half:])
-    reader = eventlog.connect(path)
+    reader = connect(path)
     seen: list[tuple[int, int]] = []
 
     def progress(done: int, total: int) -> None:
@@ -179,7 +180,7 @@ def test_gateway_appends_go_through_while_a_rebuild_runs(tmp_path: Path) -> None
     raw = synthetic_log(copies=30, seed=8)
     append_all(conn, raw[:-20])
     snapshot_head = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
-    gateway = eventlog.connect(path, timeout=0.5)
+    gateway = connect(path, timeout=0.5)
     late = iter(raw[-20:])
     appended: list[int] = []
 
@@ -201,7 +202,7 @@ def test_gateway_appends_go_through_while_a_rebuild_runs(tmp_path: Path) -> None
 
 
 def test_in_memory_database_rebuilds_in_one_transaction() -> None:
-    conn = eventlog.connect(":memory:")
+    conn = connect(":memory:")
     projector.ensure_tables(conn)
     append_all(conn, synthetic_log(copies=20, seed=6))
     projector.project_all(conn, batch=13)
@@ -321,7 +322,7 @@ def test_two_projectors_racing_with_the_gateway_converge(tmp_path: Path) -> None
     errors: list[BaseException] = []
 
     def run_projector() -> None:
-        own = eventlog.connect(path, synchronous="NORMAL")
+        own = connect(path, synchronous="NORMAL")
         try:
             while not done.is_set():
                 projector.project_once(own, batch=9)
@@ -332,14 +333,14 @@ def test_two_projectors_racing_with_the_gateway_converge(tmp_path: Path) -> None
     threads = [threading.Thread(target=run_projector) for _ in range(2)]
     for thread in threads:
         thread.start()
-    writer = eventlog.connect(path, synchronous="OFF")
+    writer = connect(path, synchronous="OFF")
     for start in range(0, len(raw), 25):
         append_all(writer, raw[start : start + 25])
     done.set()
     for thread in threads:
         thread.join(timeout=60)
     assert not errors, errors
-    conn = eventlog.connect(path)
+    conn = connect(path)
     projector.project_all(conn)
     raced = snapshot(conn)
     projector.rebuild(conn)
@@ -364,7 +365,7 @@ def test_rebuild_replaces_an_old_timeline_table_and_is_repeatable(tmp_path: Path
 
 
 def test_projector_on_an_empty_or_new_database(tmp_path: Path) -> None:
-    conn = eventlog.connect(str(tmp_path / "empty.db"))
+    conn = connect(str(tmp_path / "empty.db"))
     assert projector.project_once(conn) == 0
     assert projector.rebuild(conn) == 0
     assert projector.lag(conn) == (0, 0)

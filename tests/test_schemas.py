@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.schemas import EventError, classify, normalise, parse_timestamp
+from gateway.wire.schemas import EventError, classify, normalise, parse_timestamp
 
 NOW = "2030-01-01T00:00:00.000Z"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.crypto import derive_key_iv, encrypt_event
+from gateway.wire.crypto import derive_key_iv, encrypt_event
 from tests.conftest import CALLGATE, RunningServer, free_port, server_env
 
 SECRET_APP = "zq9Kx7-callgate-secret-app-id-5521"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gateway.simulate import DEMO_APP_ID, MIX, Simulation, generate
-from gateway.simulate_commands import (
+from gateway.simulate.generator import DEMO_APP_ID, MIX, Simulation, generate
+from gateway.simulate.sender import (
     ALGORITHMS,
     ENCODINGS,
     FORMATS,

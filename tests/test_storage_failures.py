@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import eventlog
-from gateway.crypto import encrypt_event
+from gateway.db import connect
+from gateway.wire.crypto import encrypt_event
 from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
 
@@ -192,7 +192,7 @@ def test_disk_full_gives_503_never_a_false_ack_then_recovers(tiny_fs: Path) -> N
         assert len(failed) >= 20, "the full disk was never noticed"
         rejected = post_all(server.url, [BAD_BODY])
         assert rejected[0].status_code in (400, 503)
-        with contextlib.closing(eventlog.connect(server.db)) as conn:
+        with contextlib.closing(connect(server.db)) as conn:
             ids = {row[0] for row in conn.execute("SELECT event_id FROM events")}
         assert set(acked) <= ids, "an acknowledged event is missing"
         before = logged_count(server.db)

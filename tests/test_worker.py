@@ -1,4 +1,4 @@
-"""gateway.worker: the read deadline in isolation, and the first-byte sweep on a real server."""
+"""gateway.web.worker: the read deadline in isolation, and the first-byte sweep on a real server."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 
-import gateway.worker
-from gateway.worker import (
+import gateway.web.worker
+from gateway.web.worker import (
     BodyTimedOut,
     CallgateThreadWorker,
     DeadlineReader,
@@ -76,7 +76,7 @@ def test_reader_delegates_to_the_socket(pair) -> None:
 
 SERVE = """
 import sys
-from gateway.server import ServeOptions, serve
+from gateway.web.server import ServeOptions, serve
 serve(ServeOptions(port=int(sys.argv[2]), workers=1, threads=2, worker_connections=10,
                    first_byte_timeout=1.0), sys.argv[1])
 """
@@ -143,7 +143,7 @@ def test_a_worker_with_a_connection_per_thread_lets_an_idle_one_accept_first(
     the one already holding a connection per thread waits, so the idle one gets it.
     Without this, keep-alive senders pile onto whichever worker woke first.
     The wait is lengthened so a loaded test machine cannot reorder the two."""
-    monkeypatch.setattr(gateway.worker, "ACCEPT_YIELD_SECONDS", 0.5)
+    monkeypatch.setattr(gateway.web.worker, "ACCEPT_YIELD_SECONDS", 0.5)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     busy, idle = _worker(threads=2), _worker(threads=2)
@@ -171,7 +171,7 @@ def test_yielding_to_other_workers_is_budgeted_per_second() -> None:
     while worker._may_yield():
         yields += 1
         assert yields < 10_000
-    allowed = gateway.worker.ACCEPT_YIELD_BUDGET / gateway.worker.ACCEPT_YIELD_SECONDS
+    allowed = gateway.web.worker.ACCEPT_YIELD_BUDGET / gateway.web.worker.ACCEPT_YIELD_SECONDS
     assert yields == pytest.approx(allowed, abs=1)
     worker.nr_conns = 1
     assert not worker._may_yield()  # below a connection per thread: never waits

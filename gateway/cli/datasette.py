@@ -7,15 +7,35 @@ import sys
 
 import click
 
+from analytics import tables
 from analytics.datasette_app import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     TOKEN_ENV,
     datasette_argv,
     operator_token_problem,
-    prepare_database,
 )
-from gateway.cli import db_option
+from gateway.cli.options import db_option
+from gateway.config import Config
+from gateway.db import connect
+from gateway.forward import outbox
+from gateway.log import eventlog
+
+
+def prepare_database(db: str | os.PathLike[str]) -> None:
+    """Create the file and every table Datasette should describe (all idempotent).
+
+    Datasette refuses a missing file, and a table created later would appear
+    only after a restart in some pages, so the log, projection and forwarding
+    schemas are ensured up front.
+    """
+    conn = connect(str(db))
+    try:
+        eventlog.ensure_schema(conn)
+        tables.create_tables(conn)
+        outbox.ensure_schema(conn)
+    finally:
+        conn.close()
 
 
 @click.command("datasette")
@@ -31,10 +51,11 @@ def datasette(db: str, host: str, port: int) -> None:
     with the token set in $CALLGATE_DATASETTE_TOKEN.
     """
     prepare_database(db)
-    problem = operator_token_problem()
+    config = Config.from_env(db_path=db)
+    problem = operator_token_problem(config.datasette_token)
     if problem:
         click.echo(f"callgate datasette: warning: {problem}", err=True)
-    argv = datasette_argv(db, host, port)
+    argv = datasette_argv(db, host, port, token_configured=config.datasette_token is not None)
     click.echo(f"callgate datasette: serving {db} on http://{host}:{port}/", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -42,4 +63,4 @@ def datasette(db: str, host: str, port: int) -> None:
     os.execve(argv[0], argv, dict(os.environ))
 
 
-__all__ = ["datasette", "TOKEN_ENV"]
+__all__ = ["datasette", "prepare_database", "TOKEN_ENV"]

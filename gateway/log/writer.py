@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from gateway import eventlog
+from gateway.db import connect
+from gateway.log import eventlog
 
 MAX_BATCH = 512
 # How long a batch may wait for requests already in flight to join it.
@@ -153,7 +154,7 @@ class Checkpointer(threading.Thread):
                     continue
             try:
                 if conn is None:
-                    conn = eventlog.connect(self.db_path, "FULL", self.timeout)  # fsyncs the db
+                    conn = connect(self.db_path, "FULL", self.timeout)  # fsyncs the db
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 with lock:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -330,7 +331,7 @@ class BatchWriter:
             self._take(jobs, time.monotonic() + self.gather_seconds)
             try:
                 if conn is None:
-                    conn = eventlog.connect(self.db_path, self.synchronous, self.busy_timeout)
+                    conn = connect(self.db_path, self.synchronous, self.busy_timeout)
                     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
                 with lock:
                     # Whatever queued while another process held the lock rides along.

@@ -6,7 +6,8 @@ import time
 
 import click
 
-from gateway.cli import db_option
+from gateway.cli.options import db_option
+from gateway.db import connect
 
 
 @click.command("project")
@@ -21,14 +22,13 @@ from gateway.cli import db_option
 def project(db: str, follow: bool, interval: float, batch: int) -> None:
     """Bring the projections (calls, plays, ...) up to date with the event log."""
     from analytics import projector
-    from gateway import eventlog
 
     if follow:
         click.echo(f"projecting {db} (following; Ctrl-C stops)", err=True)
         total = projector.follow(db, interval=interval, batch=batch)
         click.echo(f"stopped after projecting {total} events", err=True)
         return
-    conn = eventlog.connect(db, synchronous="NORMAL")
+    conn = connect(db, synchronous="NORMAL")
     try:
         started = time.perf_counter()
         total = projector.project_all(conn, batch)
@@ -46,9 +46,8 @@ def project(db: str, follow: bool, interval: float, batch: int) -> None:
 def rebuild(db: str) -> None:
     """Rebuild every projection from the whole log; swapped in atomically (one transaction)."""
     from analytics import projector
-    from gateway import eventlog
 
-    conn = eventlog.connect(db, synchronous="NORMAL")
+    conn = connect(db, synchronous="NORMAL")
     try:
         started = time.perf_counter()
         stderr = click.get_text_stream("stderr")

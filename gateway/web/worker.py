@@ -113,7 +113,7 @@ class CallgateConn(TConn):  # type: ignore[misc]
 class CallgateThreadWorker(ThreadWorker):  # type: ignore[misc]
     """`gthread` plus a first-byte deadline and a whole-request read deadline.
 
-    Tuned through class attributes; `gateway.server` sets them per worker from
+    Tuned through class attributes; `gateway.web.server` sets them per worker from
     `ServeOptions` in the `post_worker_init` hook.
     """
 

@@ -46,7 +46,6 @@ CALL_STATES = frozenset(
 )
 # States that belong to a bridge leg once the call itself is already connected.
 LEG_STATES = frozenset({"failed", "initiated"})
-CLASSES = ("call", "play", "speech", "recording", "dtmf", "bridge", "broadcast", "unknown")
 
 # Optional text fields copied through as strings when they carry a scalar.
 TEXT_FIELDS = (

@@ -15,16 +15,13 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 import sqlite_utils
 
-from gateway.schemas import format_utc
+from gateway.db import GENESIS_HASH, log_head, transaction, utc_now
 
-GENESIS_HASH = "0" * 64
 SCHEMA_VERSION = 2
 BODY_CAP = 64 * 1024
 HASHED_COLUMNS = (
@@ -54,10 +51,6 @@ ALLOWED_HEADERS = (
 )
 
 
-def utc_now() -> str:
-    return format_utc(datetime.now(UTC))
-
-
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces: the form that makes redeliveries byte-identical."""
     try:
@@ -74,25 +67,6 @@ def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """SHA-256 over the previous hash and the canonical JSON of the row's own columns."""
     body = canonical_json({column: row[column] for column in HASHED_COLUMNS})
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
-
-
-def connect(path: str, synchronous: str = "FULL", timeout: float = 5.0) -> sqlite3.Connection:
-    """A connection in autocommit mode: callers open explicit transactions."""
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
-    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
-    return conn
-
-
-def _synchronous(value: str) -> str:
-    value = value.upper()
-    if value not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-        raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {value!r}")
-    return value
 
 
 def _migrate_1(conn: sqlite3.Connection) -> None:
@@ -181,16 +155,11 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for target in range(version + 1, SCHEMA_VERSION + 1):
             MIGRATIONS[target](conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 @dataclass(frozen=True)
@@ -209,11 +178,6 @@ class AppendResult:
     seq: int
     event_id: str
     duplicate: bool
-
-
-def _head(conn: sqlite3.Connection) -> tuple[int, str]:
-    row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-    return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
 _INSERT_SQL = (
@@ -260,9 +224,8 @@ def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[Ap
     Returns only after COMMIT: the caller may acknowledge every result then.
     """
     prepared = [_prepare(item) for item in items]
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        seq, prev = _head(conn)
+    with transaction(conn):
+        seq, prev = log_head(conn)
         seen = _logged(conn, [p.digest for p in prepared])
         results: list[AppendResult] = []
         rows: list[dict[str, Any]] = []
@@ -280,11 +243,6 @@ def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[Ap
             results.append(result)
         if rows:
             conn.executemany(_INSERT_SQL, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return results
 
 
@@ -436,8 +394,3 @@ def verify(conn: sqlite3.Connection) -> VerifyResult:
             return VerifyResult(False, checked, seq, prev_hash, seq, "row hash mismatch")
         prev_hash, expected_seq, checked = record["hash"], seq + 1, checked + 1
     return VerifyResult(True, checked, expected_seq - 1, prev_hash)
-
-
-def head(conn: sqlite3.Connection) -> tuple[int, str]:
-    """(seq, hash) of the newest event: what operators anchor elsewhere."""
-    return _head(conn)

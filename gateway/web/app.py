@@ -16,13 +16,16 @@ import time
 from typing import Any
 
 import orjson
-from flask import Flask, Response, request
+from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from gateway import eventlog, metrics
 from gateway.config import Config
-from gateway.ingest import Headers, Outcome, Rejected, ingest_request, reject
-from gateway.writer import BatchWriter
+from gateway.db import connect, log_head
+from gateway.log import eventlog
+from gateway.log.intake import Outcome, ingest_request, reject
+from gateway.log.writer import BatchWriter
+from gateway.web import metrics
+from gateway.wire.ingest import Headers, Rejected
 
 log = logging.getLogger("callgate.gateway")
 RETRY_AFTER_SECONDS = "5"
@@ -41,7 +44,7 @@ class Store:
         cached = getattr(self._local, "conn", None)
         if cached is not None and getattr(self._local, "pid", None) == os.getpid():
             return cached
-        conn = eventlog.connect(
+        conn = connect(
             self.config.db_path, self.config.synchronous, self.config.busy_timeout
         )
         if not self._schema_ready:
@@ -67,33 +70,57 @@ def _json(body: dict[str, Any], status: int, **headers: str) -> Response:
     return response
 
 
-def create_app(config: Config | None = None) -> Flask:
-    config = config or Config.from_env()
-    config.ensure_db_dir()
-    app = Flask("callgate")
-    app.config["CALLGATE"] = config
-    # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
-    app.config["MAX_CONTENT_LENGTH"] = None
-    store = Store(config)
-    writer = (
-        BatchWriter(config.db_path, config.synchronous, busy_timeout=config.busy_timeout)
-        if config.group_commit
-        else None
-    )
-    admitted = writer.admitted if writer is not None else contextlib.nullcontext
-    app.extensions["callgate_store"] = store
-    app.extensions["callgate_writer"] = writer
-    try:
-        store.conn()  # creates or migrates the schema on its first call
-    except sqlite3.Error as exc:
-        # Boot anyway: gunicorn halts the whole server when a worker fails to boot, so a
-        # full or unwritable disk would become refused connections. Requests answer 503
-        # (and `Store.conn` retries the schema) until the storage is back.
-        store.reset()
-        log.warning("storage unavailable at start (%s); answering 503", type(exc).__name__)
+class Webhooks:
+    """The webhook endpoint's work: every request becomes an event or a rejection."""
 
-    def storage_failure(exc: sqlite3.Error, started: float) -> Response:
-        store.reset()
+    def __init__(self, config: Config, store: Store, writer: BatchWriter | None) -> None:
+        self.config = config
+        self.store = store
+        self.writer = writer
+        self.admitted = writer.admitted if writer is not None else contextlib.nullcontext
+
+    def handle(self, path: str) -> Response:
+        started = time.perf_counter()
+        headers = Headers.of(request.headers.items())
+        body = _read_body(self.config.max_body)
+        try:
+            # Non-POST never gets here: refuse_other_methods keeps and answers it.
+            with self.admitted():
+                outcome = ingest_request(
+                    self.store.conn(),
+                    self.config,
+                    headers,
+                    body,
+                    path=path,
+                    remote_addr=request.remote_addr,
+                    writer=self.writer,
+                )
+        except sqlite3.Error as exc:
+            return self.storage_failure(exc, started)
+        return _answer(outcome, started)
+
+    def refuse(self, verdict: Rejected, path: str) -> Response:
+        """Keep a request refused before ingest (method, token) and answer it."""
+        started = time.perf_counter()
+        try:
+            outcome = reject(
+                self.store.conn(),
+                verdict,
+                Headers.of(request.headers.items()),
+                _read_body(self.config.max_body),
+                request.method,
+                path,
+                request.remote_addr,
+            )
+        except sqlite3.Error as exc:
+            return self.storage_failure(exc, started)
+        return _answer(outcome, started)
+
+    def wrong_token(self, path: str) -> Response:
+        return self.refuse(Rejected("bad_token", "no webhook endpoint at this path"), path)
+
+    def storage_failure(self, exc: sqlite3.Error, started: float) -> Response:
+        self.store.reset()
         metrics.STORAGE_ERRORS.inc()
         metrics.observe("unavailable", "storage", time.perf_counter() - started)
         log.warning("outcome=unavailable error=storage detail=%s", type(exc).__name__)
@@ -103,85 +130,59 @@ def create_app(config: Config | None = None) -> Flask:
             Retry_After=RETRY_AFTER_SECONDS,
         )
 
-    def handle(path: str) -> Response:
-        started = time.perf_counter()
-        headers = Headers.of(request.headers.items())
-        body = _read_body(config.max_body)
-        try:
-            # Non-POST never gets here: refuse_other_methods keeps and answers it.
-            with admitted():
-                outcome = ingest_request(
-                    store.conn(),
-                    config,
-                    headers,
-                    body,
-                    path=path,
-                    remote_addr=request.remote_addr,
-                    writer=writer,
-                )
-        except sqlite3.Error as exc:
-            return storage_failure(exc, started)
-        return _answer(outcome, started)
 
-    @app.before_request
+def webhook_blueprint(hooks: Webhooks) -> Blueprint:
+    """`/webhooks/enablex[/<token>]`; any other method on those paths is kept and refused."""
+    bp = Blueprint("webhooks", __name__)
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    token = hooks.config.webhook_token
+
+    @bp.before_app_request
     def refuse_other_methods() -> Response | None:
         """Any non-POST on the webhook paths (even OPTIONS, TRACE, made-up verbs) is kept.
 
         Runs before routing errors are raised, so Flask's own automatic OPTIONS
-        and 405 answers never bypass the rejections table (invariant 2).
+        and 405 answers never bypass the rejections table: nothing is dropped.
         """
         if request.method == "POST" or not request.path.startswith("/webhooks/enablex"):
             return None
         tokenless = request.path.rstrip("/") == "/webhooks/enablex"
         path = "/webhooks/enablex" if tokenless else "/webhooks/enablex/<redacted>"
-        return refuse(
+        return hooks.refuse(
             Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"), path
         )
 
-    @app.route("/webhooks/enablex", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @bp.route("/webhooks/enablex", methods=methods)
     def webhook() -> Response:
-        if config.webhook_token:
-            return _wrong_token("/webhooks/enablex")
-        return handle("/webhooks/enablex")
+        if token:
+            return hooks.wrong_token("/webhooks/enablex")
+        return hooks.handle("/webhooks/enablex")
 
-    @app.route("/webhooks/enablex/<token>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    def webhook_with_token(token: str) -> Response:
-        if not config.webhook_token or token != config.webhook_token:
-            return _wrong_token("/webhooks/enablex/<redacted>")
-        return handle("/webhooks/enablex/<token>")
+    @bp.route("/webhooks/enablex/<path_token>", methods=methods)
+    def webhook_with_token(path_token: str) -> Response:
+        if not token or path_token != token:
+            return hooks.wrong_token("/webhooks/enablex/<redacted>")
+        return hooks.handle("/webhooks/enablex/<token>")
 
-    def _wrong_token(path: str) -> Response:
-        return refuse(Rejected("bad_token", "no webhook endpoint at this path"), path)
+    return bp
 
-    def refuse(verdict: Rejected, path: str) -> Response:
-        """Keep a request refused before ingest (method, token) and answer it."""
-        started = time.perf_counter()
-        try:
-            outcome = reject(
-                store.conn(),
-                verdict,
-                Headers.of(request.headers.items()),
-                _read_body(config.max_body),
-                request.method,
-                path,
-                request.remote_addr,
-            )
-        except sqlite3.Error as exc:
-            return storage_failure(exc, started)
-        return _answer(outcome, started)
 
-    @app.get("/healthz")
+def operations_blueprint(store: Store) -> Blueprint:
+    """`/healthz` (a database round trip) and `/metrics` (Prometheus text)."""
+    bp = Blueprint("operations", __name__)
+
+    @bp.get("/healthz")
     def healthz() -> Response:
         try:
             conn = store.conn()
             conn.execute("SELECT count(*) FROM (SELECT 1 FROM events LIMIT 1)").fetchone()
-            seq, _ = eventlog.head(conn)
+            seq, _ = log_head(conn)
         except sqlite3.Error as exc:
             store.reset()
             return _json({"status": "unavailable", "detail": type(exc).__name__}, 503)
         return _json({"status": "ok", "head_seq": seq}, 200)
 
-    @app.get("/metrics")
+    @bp.get("/metrics")
     def metrics_view() -> Response:
         try:
             payload = metrics.render(store.conn())
@@ -189,6 +190,12 @@ def create_app(config: Config | None = None) -> Flask:
             store.reset()
             return _json({"error": "storage_unavailable", "detail": type(exc).__name__}, 503)
         return Response(payload, mimetype=metrics.CONTENT_TYPE)
+
+    return bp
+
+
+def register_error_handlers(app: Flask) -> None:
+    """JSON for every error, never a 500 page or a traceback."""
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -200,13 +207,51 @@ def create_app(config: Config | None = None) -> Flask:
         # Last line of defence: log the type only (never payloads), answer JSON.
         log.error("outcome=error type=%s", type(exc).__name__)
         if isinstance(exc, sqlite3.Error):
-            return _json({"error": "storage_unavailable", "detail": "retry"}, 503, Retry_After="5")
+            return _json(
+                {"error": "storage_unavailable", "detail": "retry"},
+                503,
+                Retry_After=RETRY_AFTER_SECONDS,
+            )
         return _json(
             {"error": "internal", "detail": "the request could not be processed; retry"},
             503,
             Retry_After=RETRY_AFTER_SECONDS,
         )
 
+
+def open_store(config: Config) -> Store:
+    """The worker's store, schema ensured; a worker boots even when storage is down."""
+    store = Store(config)
+    try:
+        store.conn()  # creates or migrates the schema on its first call
+    except sqlite3.Error as exc:
+        # Boot anyway: gunicorn halts the whole server when a worker fails to boot, so a
+        # full or unwritable disk would become refused connections. Requests answer 503
+        # (and `Store.conn` retries the schema) until the storage is back.
+        store.reset()
+        log.warning("storage unavailable at start (%s); answering 503", type(exc).__name__)
+    return store
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Wire the gateway: storage, the group-commit writer, the endpoints, error handlers."""
+    config = config or Config.from_env()
+    config.ensure_db_dir()
+    app = Flask("callgate")
+    app.config["CALLGATE"] = config
+    # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
+    app.config["MAX_CONTENT_LENGTH"] = None
+    store = open_store(config)
+    writer = (
+        BatchWriter(config.db_path, config.synchronous, busy_timeout=config.busy_timeout)
+        if config.group_commit
+        else None
+    )
+    app.extensions["callgate_store"] = store
+    app.extensions["callgate_writer"] = writer
+    app.register_blueprint(webhook_blueprint(Webhooks(config, store, writer)))
+    app.register_blueprint(operations_blueprint(store))
+    register_error_handlers(app)
     return app
 
 

@@ -1,6 +1,6 @@
 """`callgate subscribe/subscriptions/unsubscribe/rotate-secret/forward/redeliver`.
 
-Thin click wrappers over gateway.subscriptions and gateway.forwarder; they
+Thin click wrappers over gateway.forward.subscriptions and gateway.forward.delivery; they
 are registered on the `callgate` group in gateway/cli.py.
 """
 
@@ -13,10 +13,11 @@ from datetime import timedelta
 
 import click
 
-from gateway import forwarder
-from gateway.cli import db_option
-from gateway.signals import stop_on_signals
-from gateway.subscriptions import (
+from gateway.cli.options import db_option
+from gateway.config import Config
+from gateway.forward import delivery, outbox
+from gateway.forward.redeliver import redeliver
+from gateway.forward.subscriptions import (
     SecretStore,
     SubscriptionError,
     create_subscription,
@@ -25,10 +26,11 @@ from gateway.subscriptions import (
     secrets_path,
     unsubscribe,
 )
+from gateway.signals import stop_on_signals
 
 
 def _store(db: str) -> SecretStore:
-    return SecretStore(secrets_path(db))
+    return SecretStore(secrets_path(db, Config.from_env(db_path=db).secrets_db))
 
 
 @click.command("subscribe")
@@ -49,7 +51,7 @@ def subscribe_command(
     url: str, patterns: tuple[str, ...], secret: str | None, from_start: bool, db: str
 ) -> None:
     """Send normalised, signed events to URL (CloudEvents + Standard Webhooks)."""
-    conn = forwarder.open_db(db)
+    conn = outbox.open_db(db)
     store = _store(db)
     try:
         sub, signing = create_subscription(conn, store, url, patterns, secret, from_start)
@@ -69,7 +71,7 @@ def subscribe_command(
 @db_option
 def subscriptions_command(as_json: bool, db: str) -> None:
     """List subscriptions with their health: pending, dead, last success and failure."""
-    conn = forwarder.open_db(db)
+    conn = outbox.open_db(db)
     try:
         rows = list_subscriptions(conn)
     finally:
@@ -102,7 +104,7 @@ def subscriptions_command(as_json: bool, db: str) -> None:
 @db_option
 def unsubscribe_command(subscription_id: str, db: str) -> None:
     """Stop sending to a subscription; its delivery history is kept."""
-    conn = forwarder.open_db(db)
+    conn = outbox.open_db(db)
     store = _store(db)
     try:
         cancelled = unsubscribe(conn, store, subscription_id)
@@ -129,7 +131,7 @@ def rotate_secret_command(
     subscription_id: str, secret: str | None, overlap_hours: float, db: str
 ) -> None:
     """Give a subscription a new signing secret; both sign during the overlap."""
-    conn = forwarder.open_db(db)
+    conn = outbox.open_db(db)
     store = _store(db)
     try:
         signing, expires = rotate_secret(
@@ -149,7 +151,7 @@ def _schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is None:
         return None
     try:
-        return forwarder.parse_schedule(value)
+        return delivery.parse_schedule(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -179,12 +181,13 @@ def forward_command(
 ) -> None:
     """Deliver logged events to the subscriptions (signed, retried, in per-call order)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    options = forwarder.ForwardOptions.from_env(
+    options = delivery.ForwardOptions.from_config(
+        Config.from_env(db_path=db),
         schedule=retry_schedule, workers=workers, timeout=timeout, poll_interval=poll
     )
     stop = threading.Event()
     stop_on_signals(stop)  # in-flight tries finish first
-    with forwarder.Forwarder(db, options) as fwd:
+    with delivery.Forwarder(db, options) as fwd:
         stats = fwd.run(stop=stop, follow=follow, drain=drain)
         pending = fwd.conn.execute(
             "SELECT count(*) FROM deliveries WHERE status = 'pending'"
@@ -216,9 +219,9 @@ def redeliver_command(
     db: str,
 ) -> None:
     """Queue events again (same webhook-id); `callgate forward` then sends them."""
-    conn = forwarder.open_db(db)
+    conn = outbox.open_db(db)
     try:
-        plan = forwarder.redeliver(
+        plan = redeliver(
             conn,
             event_ids=event_ids,
             voice_ids=voice_ids,

@@ -29,7 +29,7 @@ def callgate_executable() -> list[str]:
     script = Path(sys.executable).parent / "callgate"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "gateway.cli"]
+    return [sys.executable, "-m", "gateway"]
 
 
 @dataclass

@@ -4,7 +4,7 @@ Pure and seeded (no clock, no I/O): `generate(n, seed=…, start=…)` always re
 events and the same truth, so a failed comparison can be replayed. Event shapes and quirks
 follow `enablex/WIRE.md` and the corpus flows; the truth is worked out from what each
 scenario *did* (its own bookkeeping, WIRE.md §5), never by folding the generated events.
-Sending them over HTTP lives in `gateway/simulate_commands.py`.
+Sending them over HTTP lives in `gateway/simulate/sender.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-from gateway.schemas import CALL_STATES
+from gateway.wire.schemas import CALL_STATES
 
 # A made-up app id (not hex, so it cannot be mistaken for a real EnableX id).
 DEMO_APP_ID = "callgate-demo-app-0000"
@@ -915,14 +915,3 @@ def _render(ev: _Ev, start: datetime) -> dict[str, Any]:
     at = start + timedelta(milliseconds=ev.at_ms)
     payload[ev.tkey] = format_time(at, ev.style)
     return payload
-
-
-def run_demo(url: str, calls: int = 300, app_id: str = DEMO_APP_ID, **kwargs: Any) -> Any:
-    """For `callgate up --demo`: play `calls` demo calls into the gateway at `url`.
-
-    Thin re-export so callers only need `gateway.simulate`; see
-    `gateway.simulate_commands.run_demo` for the options.
-    """
-    from gateway.simulate_commands import run_demo as _run_demo
-
-    return _run_demo(url, calls=calls, app_id=app_id, **kwargs)

@@ -27,7 +27,8 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
-from gateway.schemas import format_utc
+from gateway.db import log_head_seq, transaction, utc_now
+from gateway.wire.schemas import format_utc
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
@@ -40,11 +41,6 @@ _TOKEN = re.compile(r"[^a-z0-9_]+")
 
 class SubscriptionError(ValueError):
     """A refused subscription request (bad URL, pattern, secret or unknown id)."""
-
-
-def now_text(moment: datetime | None = None) -> str:
-    """The contract's fixed-width UTC text, so stored times sort and compare as text."""
-    return format_utc(moment or datetime.now(UTC))
 
 
 # --- event types and patterns -------------------------------------------------
@@ -127,10 +123,9 @@ def validate_secret(secret: str) -> str:
     return text
 
 
-def secrets_path(db_path: str, env: Mapping[str, str] | None = None) -> str:
-    """`CALLGATE_SECRETS_DB`, else `callgate-secrets.db` beside the main database."""
-    env = os.environ if env is None else env
-    explicit = env.get("CALLGATE_SECRETS_DB")
+def secrets_path(db_path: str, explicit: str | None = None) -> str:
+    """`explicit` (Config.secrets_db, from CALLGATE_SECRETS_DB), else `callgate-secrets.db`
+    beside the main database: the secrets never live in the file Datasette serves."""
     if explicit:
         return explicit
     return str(Path(db_path).resolve().parent / "callgate-secrets.db")
@@ -166,7 +161,7 @@ class SecretStore:
     def add(self, subscription_id: str, secret: str, created_at: str | None = None) -> None:
         self.conn.execute(
             "INSERT INTO secrets (subscription_id, secret, created_at) VALUES (?, ?, ?)",
-            (subscription_id, secret, created_at or now_text()),
+            (subscription_id, secret, created_at or utc_now()),
         )
 
     def active(self, subscription_id: str, at: str | None = None) -> list[str]:
@@ -174,7 +169,7 @@ class SecretStore:
         rows = self.conn.execute(
             "SELECT secret FROM secrets WHERE subscription_id = ? "
             "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id DESC",
-            (subscription_id, at or now_text()),
+            (subscription_id, at or utc_now()),
         ).fetchall()
         return [row[0] for row in rows]
 
@@ -184,7 +179,7 @@ class SecretStore:
         for sub_id, secret in self.conn.execute(
             "SELECT subscription_id, secret FROM secrets "
             "WHERE expires_at IS NULL OR expires_at > ? ORDER BY id DESC",
-            (at or now_text(),),
+            (at or utc_now(),),
         ):
             result.setdefault(sub_id, []).append(secret)
         return result
@@ -194,19 +189,14 @@ class SecretStore:
     ) -> str:
         """Add `new_secret`; every still-valid older one expires after `overlap` at the latest."""
         now = datetime.now(UTC)
-        expires = now_text(now + overlap)
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        expires = format_utc(now + overlap)
+        with transaction(self.conn):
             self.conn.execute(
                 "UPDATE secrets SET expires_at = ? WHERE subscription_id = ? "
                 "AND (expires_at IS NULL OR expires_at > ?)",
                 (expires, subscription_id, expires),
             )
-            self.add(subscription_id, new_secret, now_text(now))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
+            self.add(subscription_id, new_secret, format_utc(now))
         return expires
 
     def delete(self, subscription_id: str) -> None:
@@ -271,11 +261,11 @@ def create_subscription(
     clean_patterns = normalise_patterns(patterns)
     signing = validate_secret(secret) if secret else generate_secret()
     sub_id = new_subscription_id()
-    created = now_text()
+    created = utc_now()
     store.add(sub_id, signing, created)  # secret first: a subscription never lacks one
     conn.execute("BEGIN IMMEDIATE")
     try:
-        head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        head = log_head_seq(conn)
         conn.execute(
             "INSERT INTO subscriptions (id, url, events, created_at, cursor_seq) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -310,7 +300,7 @@ def disable_subscription(
     The caller owns the transaction (the forwarder disables inside the one
     that records the 410 answer).
     """
-    at = at or now_text()
+    at = at or utc_now()
     conn.execute(
         "UPDATE subscriptions SET disabled_at = coalesce(disabled_at, ?), "
         "disabled_reason = coalesce(disabled_reason, ?) WHERE id = ?",
@@ -327,13 +317,8 @@ def disable_subscription(
 def unsubscribe(conn: sqlite3.Connection, store: SecretStore, subscription_id: str) -> int:
     """Disable a subscription (its history stays for Datasette) and forget its secrets."""
     get_subscription(conn, subscription_id)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         cancelled = disable_subscription(conn, subscription_id, "unsubscribed")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     store.delete(subscription_id)
     return cancelled
 

@@ -2,7 +2,7 @@
 
 The settings are the gateway's defence against slow or abusive senders: a
 bounded number of worker threads, short keep-alive, header limits, a worker
-timeout, and (gateway/worker.py) first-byte and whole-request read deadlines,
+timeout, and (gateway/web/worker.py) first-byte and whole-request read deadlines,
 so slow or silent clients cannot stall EnableX's deliveries.
 """
 
@@ -48,9 +48,9 @@ class ServeOptions:
     port: int = 8000
     workers: int = 2
     threads: int = 12
-    # gthread plus deadlines for slow senders (gateway/worker.py); stock gthread lets
+    # gthread plus deadlines for slow senders (gateway/web/worker.py); stock gthread lets
     # tricklers pin every thread and idle connections wedge the worker (gunicorn#2917).
-    worker_class: str = "gateway.worker.CallgateThreadWorker"
+    worker_class: str = "gateway.web.worker.CallgateThreadWorker"
     timeout: int = 30
     keepalive: int = 5
     # A new connection must send its first byte within this (EnableX sends at once).
@@ -180,8 +180,8 @@ class GatewayServer(ConfiguredApplication):
         super().__init__(options)
 
     def load(self) -> Any:
-        from gateway.app import create_app
         from gateway.config import Config
+        from gateway.web.app import create_app
 
         return create_app(Config.from_env(db_path=self.db_path))
 

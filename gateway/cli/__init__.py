@@ -1,0 +1,28 @@
+"""The `callgate` command line: one module per area, all registered on this group.
+
+Nothing imports this package; it imports every feature it offers.
+"""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli import datasette, forward, log, project, serve, simulate, up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="callgate")
+def main() -> None:
+    """callgate: receiver, event log, call history and forwarder for EnableX Voice webhooks."""
+
+
+for _command in (
+    serve.serve,
+    *log.COMMANDS,
+    up.up,
+    simulate.simulate_command,
+    *forward.COMMANDS,
+    datasette.datasette,
+    *project.COMMANDS,
+):
+    main.add_command(_command)

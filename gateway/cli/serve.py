@@ -1,0 +1,76 @@
+"""`callgate serve`: the webhook gateway under gunicorn."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli.options import db_option
+from gateway.web.server import ServeOptions
+from gateway.web.server import serve as run_server
+
+DEFAULTS = ServeOptions()
+
+
+@click.command("serve")
+@db_option
+@click.option("--host", default=DEFAULTS.host, show_default=True, help="Address to bind.")
+@click.option("--port", default=DEFAULTS.port, show_default=True, type=int, help="Port to bind.")
+@click.option(
+    "--workers", default=DEFAULTS.workers, show_default=True, type=int, help="Worker processes."
+)
+@click.option(
+    "--threads",
+    default=DEFAULTS.threads,
+    show_default=True,
+    type=int,
+    help="Threads per worker (each waits for its group commit; more of them make bigger batches).",
+)
+@click.option("--access-log/--no-access-log", default=False, help="gunicorn access log.")
+@click.option(
+    "--idle-timeout",
+    default=DEFAULTS.keepalive,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Seconds a new or kept-alive connection may stay silent before it is closed.",
+)
+@click.option(
+    "--read-timeout",
+    default=DEFAULTS.read_timeout,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a whole request (headers and body) may take to arrive.",
+)
+@click.option(
+    "--cpu-affinity/--no-cpu-affinity",
+    default=DEFAULTS.cpu_affinity,
+    show_default=True,
+    help="Pin each worker process to its own CPU (turn off when the host's CPUs are "
+    "shared with other busy services).",
+)
+def serve(
+    db: str,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    access_log: bool,
+    idle_timeout: int,
+    read_timeout: float,
+    cpu_affinity: bool,
+) -> None:
+    """Serve the webhook gateway under gunicorn (POST /webhooks/enablex)."""
+    run_server(
+        ServeOptions(
+            host=host,
+            port=port,
+            workers=workers,
+            threads=threads,
+            access_log=access_log,
+            # One value for both: the worker expires them from one FIFO sweep.
+            keepalive=idle_timeout,
+            first_byte_timeout=float(idle_timeout),
+            read_timeout=read_timeout,
+            cpu_affinity=cpu_affinity,
+        ),
+        db,
+    )

@@ -1,0 +1,108 @@
+"""`callgate up`: the main job — gateway, projector, forwarder and Datasette together."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli.log import _open
+from gateway.cli.options import db_option
+from gateway.db import log_head
+
+
+@click.command("up")
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address for all servers.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Gateway port.")
+@click.option("--datasette-port", default=8001, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int, help="Gateway workers.")
+@click.option("--demo", is_flag=True, help="Play a few hundred simulated calls (demo app id).")
+@click.option(
+    "--demo-if-empty", is_flag=True, help="Like --demo, but only when the log has no events."
+)
+@click.option("--no-forward", is_flag=True, help="Do not start the forwarder.")
+def up(
+    db: str,
+    host: str,
+    port: int,
+    datasette_port: int,
+    workers: int,
+    demo: bool,
+    demo_if_empty: bool,
+    no_forward: bool,
+) -> None:
+    """The main job: gateway + projector + forwarder + Datasette; Ctrl-C stops all."""
+    import os
+    import threading
+
+    from gateway.cli.supervisor import Part, Supervisor, callgate_executable
+
+    conn = _open(db)
+    empty = log_head(conn)[0] == 0
+    conn.close()
+    env = dict(os.environ)
+    play_demo = demo or (demo_if_empty and empty)
+    if play_demo:
+        from gateway.config import Config
+        from gateway.simulate.generator import DEMO_APP_ID
+
+        ids = Config.from_env(env=env).app_ids
+        env["ENABLEX_APP_ID"] = ",".join([*ids, DEMO_APP_ID])
+    exe = callgate_executable()
+    parts = [
+        Part(
+            "gateway",
+            [
+                *exe,
+                "serve",
+                "--db",
+                db,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+        ),
+    ]
+    for name, argv in (
+        ("project", ["project", "--follow"]),
+        ("forward", ["forward", "--follow"]),
+        ("datasette", ["datasette", "--host", host, "--port", str(datasette_port)]),
+    ):
+        if not (name == "forward" and no_forward):
+            parts.append(Part(name, [*exe, *argv, "--db", db]))
+    supervisor = Supervisor(parts, env)
+    supervisor.start()
+    click.echo(
+        f"callgate up: gateway http://{host}:{port}/webhooks/enablex  "
+        f"datasette http://{host}:{datasette_port}/  (Ctrl-C stops all)"
+    )
+    if play_demo:
+        threading.Thread(
+            target=_play_demo, args=(f"http://{host}:{port}", supervisor), daemon=True
+        ).start()
+    raise SystemExit(supervisor.wait())
+
+
+def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-def]
+    """Wait for the gateway, then send the labelled demo traffic into it."""
+    import time
+
+    import httpx
+
+    from gateway.config import Config
+    from gateway.simulate.sender import run_demo
+
+    for _ in range(100):
+        if supervisor.stopping.is_set():
+            return
+        try:
+            if httpx.get(base_url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    click.echo("callgate up: playing demo calls (app id label: demo) ...")
+    token = Config.from_env().webhook_token
+    run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""))
+    click.echo("callgate up: demo traffic sent")
