@@ -4,17 +4,12 @@ and the corpus database served by a real Datasette."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -22,18 +17,13 @@ from flask.testing import FlaskClient
 from gateway.config import Config
 from gateway.web.app import create_app
 from tests.corpus import APP_ID
+from tests.servers import Subprocess, free_port, wait_http
 
 if TYPE_CHECKING:  # imported lazily below: test_datasette_helpers imports this module
     from tests.test_datasette_helpers import Built, Datasette
 
 REPO = Path(__file__).resolve().parent.parent
 CALLGATE = str(Path(sys.executable).parent / "callgate")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -84,65 +74,27 @@ def client(make_app: Callable[[Config], Flask], config: Config) -> FlaskClient:
     return make_app(config).test_client()
 
 
-def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
-              any_status: bool = False) -> None:
-    """Until `url` answers below 500 (or at all, with `any_status`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500 or any_status:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-class RunningServer:
-    """`callgate serve` as a real subprocess in its own process group.
-
-    Its output goes to a file, never to a pipe: a pipe nobody reads fills up and
-    blocks the server mid-test.
-    """
+class RunningServer(Subprocess):
+    """`callgate serve` as a real subprocess (tests/servers.py: own group, log file)."""
 
     def __init__(self, db: str, env: dict[str, str], workers: int = 2,
                  log_path: Path | None = None, args: tuple[str, ...] = ()) -> None:
+        super().__init__(log_path or Path(db + ".server.log"), env)
         self.db = db
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env
         self.workers = workers
-        self.log_path = log_path or Path(db + ".server.log")
         self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, healthy: bool = True) -> RunningServer:
         """Start and wait until /healthz answers (200, or anything when not `healthy`)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
-                 "--workers", str(self.workers), *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        wait_http(self.url + "/healthz", timeout=30, proc=self.proc, any_status=not healthy)
+        self.launch(
+            [CALLGATE, "serve", "--db", self.db, "--port", str(self.port),
+             "--workers", str(self.workers), *self.args],
+            lambda: wait_http(self.url + "/healthz", timeout=30, proc=self.proc,
+                              any_status=not healthy),
+        )
         return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=20)
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), then SIGKILL if connections keep it from exiting."""
-        try:
-            self.kill(signal.SIGTERM)
-        except subprocess.TimeoutExpired:
-            self.kill(signal.SIGKILL)
 
 
 def server_env(**extra: str) -> dict[str, str]:

@@ -20,7 +20,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from gateway.log import eventlog
 from gateway.wire.crypto import encrypt_event
 from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
+from tests.servers import Subprocess
 
 HEADERS = {
     "Content-Type": "application/json",
@@ -55,38 +55,15 @@ CALL_STATES: tuple[dict[str, Any], ...] = (
 CALL_LEN = len(CALL_STATES)
 
 
-class Projector:
-    """`analytics.projector.follow` in its own process group, killed with the gateway."""
+class Projector(Subprocess):
+    """`callgate project --follow` in its own process group, killed with the gateway."""
 
     def __init__(self, db: str) -> None:
+        super().__init__(Path(db + ".projector.log"), server_env())
         self.db = db
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        code = "import sys; from analytics.projector import follow; follow(sys.argv[1], 0.05)"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, self.db],
-            cwd=str(Path(__file__).resolve().parent.parent),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=20)
-
-
-def projector_available() -> bool:
-    """The projector is being written in parallel; only check it once it exists."""
-    try:
-        from analytics import projector, tables
-    except ImportError:
-        return False
-    return all(hasattr(projector, name) for name in ("project_all", "rebuild")) and hasattr(
-        tables, "PROJECTIONS"
-    )
+        self.launch([CALLGATE, "project", "--follow", "--interval", "0.05", "--db", self.db])
 
 
 def make_events(count: int, seed: int) -> list[tuple[str, bytes]]:
@@ -173,10 +150,9 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
     rng = random.Random(seed)
     events = make_events(n_events, seed)
     server = RunningServer(db, server_env(), log_path=tmp_path / "server.log")
-    projector = Projector(db) if projector_available() else None
+    projector = Projector(db)
     server.start()
-    if projector:
-        projector.start()
+    projector.start()
     tally, next_index, stop = Tally(), [0], threading.Event()
     url = server.url + "/webhooks/enablex"
     threads = [
@@ -196,20 +172,17 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
                 time.sleep(0.002)
             time.sleep(rng.uniform(0, 0.05))
             server.kill(signal.SIGKILL)
-            if projector:
-                projector.kill()
+            projector.kill()
             kills += 1
             time.sleep(rng.uniform(0, 0.3))
             server.start()
-            if projector:
-                projector.start()
+            projector.start()
         for thread in threads:
             thread.join(timeout=180)
     finally:
         stop.set()
         server.stop()
-        if projector:
-            projector.kill()
+        projector.kill()
     elapsed = time.perf_counter() - started
 
     conn = connect(db)
@@ -244,16 +217,15 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
     assert f"ok: {n_events} events" in verified.stdout
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
-    if projector is not None:
-        from analytics import projector as live
+    from analytics import projector as live
 
-        live.project_all(conn)
-        incremental = snapshot(conn)
-        live.rebuild(conn)
-        rebuilt = snapshot(conn)
-        assert len(incremental["calls"]) == -(-n_events // CALL_LEN)
-        for name, rows_now in rebuilt.items():
-            assert incremental[name] == rows_now, f"{name}: incremental projection != rebuild"
+    live.project_all(conn)
+    incremental = snapshot(conn)
+    live.rebuild(conn)
+    rebuilt = snapshot(conn)
+    assert len(incremental["calls"]) == -(-n_events // CALL_LEN)
+    for name, rows_now in rebuilt.items():
+        assert incremental[name] == rows_now, f"{name}: incremental projection != rebuild"
     conn.close()
 
 

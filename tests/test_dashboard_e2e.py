@@ -7,9 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
-from analytics.datasette_app import METADATA_PATH, REPO_ROOT
+from analytics.datasette_app import REPO_ROOT, load_metadata
 from tests.test_datasette_helpers import Built, Datasette
 
 CHROMIUM = "/usr/bin/chromium"
@@ -19,7 +17,7 @@ README_SCREENSHOT = REPO_ROOT / "docs" / "screenshot-dashboard.png"
 
 
 def charts() -> dict[str, dict]:  # type: ignore[type-arg]
-    metadata = yaml.safe_load(METADATA_PATH.read_text())
+    metadata = load_metadata()
     return metadata["plugins"]["datasette-dashboards"]["calls-overview"]["charts"]
 
 

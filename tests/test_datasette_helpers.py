@@ -37,8 +37,9 @@ from gateway.db import connect
 from gateway.forward.subscriptions import SecretStore, create_subscription, secrets_path
 from gateway.log import eventlog, intake
 from gateway.wire import ingest
-from tests.conftest import CALLGATE, free_port, wait_http
+from tests.conftest import CALLGATE
 from tests.corpus import APP_ID, cases, flows
+from tests.servers import Subprocess, free_port, wait_http
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdef"
 TERMINAL = ("disconnected", "failed")
@@ -348,35 +349,26 @@ class Datasette:
     """
 
     def __init__(self, db: str, token: str | None = OPERATOR_TOKEN) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")}
+        if token:
+            env[TOKEN_ENV] = token
         self.db = db
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = Path(db).stem
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")}
-        if token:
-            env[TOKEN_ENV] = token
-        self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.server = Subprocess(Path(f"{db}.datasette-{self.port}.log"), env)
+        self.env = self.server.env
 
     def start(self) -> Datasette:
         argv = datasette_argv(
             self.db, "127.0.0.1", self.port, token_configured=bool(self.env.get(TOKEN_ENV))
         )
-        with open(f"{self.db}.datasette-{self.port}.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, env=self.env, stdout=log, stderr=log, start_new_session=True
-            )
-        wait_http(self.url + "/-/versions.json", timeout=30, proc=self.proc)
+        ready = self.url + "/-/versions.json"
+        self.server.launch(argv, lambda: wait_http(ready, timeout=30, proc=self.server.proc))
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        self.server.stop()
 
     def get(self, path: str, token: str | None = None, **params: str) -> httpx.Response:
         headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -5,16 +5,15 @@ forwarding tables and arbitrary SQL are refused (403) unless the operator token 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from analytics.datasette_app import METADATA_PATH, TOKEN_ENV, rendered_metadata_path
+from analytics.datasette_app import TOKEN_ENV, load_metadata, rendered_metadata_path
 from gateway.db import connect, utc_now
-from tests.conftest import CALLGATE, free_port, wait_http
+from tests.conftest import CALLGATE
+from tests.servers import Subprocess, free_port, wait_http
 from tests.test_datasette_helpers import (
     OPERATOR_TOKEN,
     Built,
@@ -37,7 +36,7 @@ OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures")
 
 
 def metadata() -> dict:  # type: ignore[type-arg]
-    return yaml.safe_load(METADATA_PATH.read_text())
+    return load_metadata()
 
 
 def test_every_table_has_a_decided_audience(built: Built) -> None:
@@ -202,13 +201,13 @@ def test_callgate_datasette_command_serves_mutable_db(tmp_path: Path) -> None:
     db = str(tmp_path / "fresh" / "callgate.db")
     port = free_port()
     env = {TOKEN_ENV: OPERATOR_TOKEN, "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen(
-        [CALLGATE, "datasette", "--db", db, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
+    server = Subprocess(tmp_path / "datasette.log", env)
     try:
-        wait_http(url + "/-/versions.json", timeout=30, proc=proc)
+        server.launch(
+            [CALLGATE, "datasette", "--db", db, "--port", str(port)],
+            lambda: wait_http(url + "/-/versions.json", timeout=30, proc=server.proc),
+        )
         databases = httpx.get(url + "/-/databases.json").json()
         assert [(d["name"], d["is_mutable"]) for d in databases] == [("callgate", True)]
         assert httpx.get(url + "/callgate/calls.json?_shape=array").json() == []
@@ -238,12 +237,7 @@ def test_callgate_datasette_command_serves_mutable_db(tmp_path: Path) -> None:
         )
         assert events.status_code == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert proc.returncode is not None
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert "Traceback" not in stderr, stderr
+        server.stop()
+    assert server.proc is not None and server.proc.returncode is not None
+    output = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in output, output

@@ -11,9 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-import yaml
 
-from analytics.datasette_app import METADATA_PATH
+from analytics.datasette_app import load_metadata
 from tests.test_datasette_helpers import (
     OPERATOR_TOKEN,
     TERMINAL,
@@ -54,7 +53,7 @@ def speech_result(event: RefEvent) -> str | None:
 
 def test_every_canned_query_is_covered() -> None:
     """A new canned query must get a test here: the list is read from metadata.yml."""
-    metadata = yaml.safe_load(METADATA_PATH.read_text())
+    metadata = load_metadata()
     names = set(metadata["databases"]["callgate"]["queries"])
     tested = {name[len("test_") :] for name in globals() if name.startswith("test_")}
     assert names <= tested, names - tested

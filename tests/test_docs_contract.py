@@ -10,16 +10,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from analytics.datasette_app import METADATA_PATH, REPO_ROOT
+from analytics.datasette_app import REPO_ROOT, load_metadata
 from tests.test_datasette_helpers import corpus_build
 
 DOCS = REPO_ROOT / "README.md"
 
 
 def load() -> dict[str, Any]:
-    return yaml.safe_load(METADATA_PATH.read_text())
+    return load_metadata()
 
 
 def schema(conn: sqlite3.Connection) -> dict[str, list[str]]:

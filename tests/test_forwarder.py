@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,17 +24,11 @@ from gateway.forward.redeliver import redeliver
 from gateway.forward.subscriptions import event_type, generate_secret, matches, normalise_patterns
 from gateway.log import eventlog
 from tests.helpers_analytics import append_all
+from tests.servers import Receiver
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = sorted((REPO / "tests/fixtures/enablex/corpus/flows").glob("*.json"))
-RECEIVER = REPO / "tests" / "receiver.py"
 QUICK = (0.0, 0.1, 0.1, 0.1, 0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flow(name: str) -> Path:
@@ -72,50 +65,6 @@ def query(db: str, sql: str, *params: Any) -> list[dict[str, Any]]:
     rows = [dict(r) for r in conn.execute(sql, params)]
     conn.close()
     return rows
-
-
-class Receiver:
-    """tests/receiver.py as a subprocess; `records()` reads what it logged."""
-
-    def __init__(self, tmp: Path, *args: str, secrets: tuple[str, ...] = (), port: int = 0):
-        self.log = tmp / f"received-{time.monotonic_ns()}.jsonl"
-        self.args = [*args]
-        for secret in secrets:
-            self.args += ["--secret", secret]
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[str] | None = None
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def start(self) -> Receiver:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(RECEIVER),
-                "--port",
-                str(self.port),
-                "--log",
-                str(self.log),
-                *self.args,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("listening"), line
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
 
 @pytest.fixture

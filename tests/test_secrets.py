@@ -18,19 +18,19 @@ import base64
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
+from analytics import projector
 from gateway.wire.crypto import derive_key_iv, encrypt_event
-from tests.conftest import CALLGATE, RunningServer, free_port, server_env
+from tests.conftest import CALLGATE, RunningServer, server_env
+from tests.servers import Receiver
 
 SECRET_APP = "zq9Kx7-callgate-secret-app-id-5521"
 OTHER_APP = "zq9Kx7-rotating-out-app-id-0042"
 TOKEN = "tok-zq9Kx7-8f31c2d95a6b4e07aa10"
 SUB_SECRET = "whsec_" + base64.b64encode(b"zq9Kx7 subscription signing key!").decode()
-RECEIVER = Path(__file__).resolve().parent / "receiver.py"
 
 
 def needles(app_ids: list[str], whsecs: list[str]) -> dict[str, bytes]:
@@ -98,13 +98,6 @@ def run(*args: str, env: dict[str, str]) -> str:
     return done.stdout + done.stderr
 
 
-def forwarding_available() -> bool:
-    """The forwarder is written in parallel: only exercised once its commands are registered."""
-    from gateway.cli import main
-
-    return {"subscribe", "forward", "rotate-secret", "subscriptions"} <= set(main.commands)
-
-
 def test_no_secret_in_logs_answers_or_database(tmp_path: Path) -> None:
     db = str(tmp_path / "callgate.db")
     env = server_env(ENABLEX_APP_ID=f"{OTHER_APP},{SECRET_APP}", CALLGATE_WEBHOOK_TOKEN=TOKEN)
@@ -126,44 +119,30 @@ def test_no_secret_in_logs_answers_or_database(tmp_path: Path) -> None:
         server.stop()
     assert statuses.count(200) == 6 and {400, 404, 405, 422} <= set(statuses), statuses
 
-    try:
-        from analytics import projector
-    except ImportError:
-        projector = None  # type: ignore[assignment]
-    if projector is not None:
-        conn = sqlite3.connect(db, isolation_level=None)
-        projector.project_all(conn)
-        conn.close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    projector.project_all(conn)
+    conn.close()
 
-    if forwarding_available():
-        port = free_port()
-        receiver = subprocess.Popen(
-            [sys.executable, str(RECEIVER), "--port", str(port), "--log",
-             str(tmp_path / "received.jsonl"), "--secret", SUB_SECRET, "--fail-first", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            assert receiver.stdout is not None and receiver.stdout.readline().startswith("listen")
-            url = f"http://127.0.0.1:{port}/hook"
-            output.append(("subscribe", run("subscribe", url, "--secret", SUB_SECRET,
-                                            "--from-start", "--db", db, env=env).encode()))
-            first = run("subscribe", url, "--db", db, env=env)  # a generated secret, shown once
-            whsecs += [w for w in first.split() if w.startswith("whsec_")]
-            sub_id = first.split()[1]
-            output.append(("forward", run("forward", "--drain", "--retry-schedule", "0,0.2",
-                                          "--db", db, env=env).encode()))
-            rotated = run("rotate-secret", sub_id, "--db", db, env=env)
-            whsecs += [w for w in rotated.split() if w.startswith("whsec_")]
-            output.append(("subscriptions", run("subscriptions", "--db", db, env=env).encode()))
-            output.append(("subscriptions --json",
-                           run("subscriptions", "--json", "--db", db, env=env).encode()))
-        finally:
-            receiver.terminate()
-            receiver.wait(timeout=10)
-        received = [json.loads(line) for line in
-                    (tmp_path / "received.jsonl").read_text().splitlines()]
-        assert any(r["verified"] == [True] and r["status"] == 200 for r in received), received
-        assert len(whsecs) == 3, "subscribe and rotate-secret print a generated secret once"
+    receiver = Receiver(tmp_path, "--fail-first", "1", secrets=(SUB_SECRET,)).start()
+    try:
+        url = receiver.url()
+        output.append(("subscribe", run("subscribe", url, "--secret", SUB_SECRET,
+                                        "--from-start", "--db", db, env=env).encode()))
+        first = run("subscribe", url, "--db", db, env=env)  # a generated secret, shown once
+        whsecs += [w for w in first.split() if w.startswith("whsec_")]
+        sub_id = first.split()[1]
+        output.append(("forward", run("forward", "--drain", "--retry-schedule", "0,0.2",
+                                      "--db", db, env=env).encode()))
+        rotated = run("rotate-secret", sub_id, "--db", db, env=env)
+        whsecs += [w for w in rotated.split() if w.startswith("whsec_")]
+        output.append(("subscriptions", run("subscriptions", "--db", db, env=env).encode()))
+        output.append(("subscriptions --json",
+                       run("subscriptions", "--json", "--db", db, env=env).encode()))
+    finally:
+        receiver.stop()
+    received = receiver.records()
+    assert any(r["verified"] == [True] and r["status"] == 200 for r in received), received
+    assert len(whsecs) == 3, "subscribe and rotate-secret print a generated secret once"
 
     output.append(("server log", (tmp_path / "server.log").read_bytes()))
     secrets = needles([SECRET_APP, OTHER_APP], whsecs)
