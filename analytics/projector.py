@@ -699,20 +699,9 @@ def rebuild(
     path = _db_file(conn)
     reader = connect(path, synchronous="NORMAL") if path else conn
     staged = reader is not conn
-    # The fold makes no reference cycles; the cyclic GC would only rescan millions of
-    # short-lived event dicts over and over.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    saved: dict[tuple[int, str], tuple[sqlite3.Connection, Any]] = {}
-    for target, pragmas in ((reader, _BULK_PRAGMAS), (conn, _BULK_PRAGMAS | _WRITE_PRAGMAS)):
-        for name, value in pragmas.items():
-            current = target.execute(f"PRAGMA {name}").fetchone()
-            if current is not None and (id(target), name) not in saved:
-                saved[(id(target), name)] = (target, current[0])  # (in-memory: no mmap_size)
-            if current is not None:
-                target.execute(f"PRAGMA {name} = {value}")
     stager: _Stager | None = None
     stack = contextlib.ExitStack()
+    stack.enter_context(_bulk_mode(reader, conn))
     if not staged:  # in-memory: one transaction from the first read to the swap
         conn.execute("BEGIN IMMEDIATE")
     try:
@@ -729,16 +718,7 @@ def rebuild(
         pool = stack.enter_context(_Workers(n_workers)) if n_workers > 1 else None
         stager = _Stager(conn, chunked=staged)
         stager.run(lambda: tables.create_staging(conn))
-        if pool is not None:
-            points = _split_points(reader, n_workers)
-            bounds = [None, *points, None]
-            pool.start(path, head, list(itertools.pairwise(bounds)))
-            _fold_broadcasts(reader, stager, head)
-            pool.wait(report)
-            pool.close()
-        else:
-            _fold_calls(reader, stager, head, progress=report)
-            _fold_broadcasts(reader, stager, head)
+        _fold_into_staging(reader, stager, path, head, pool, report)
         report(n_events)
 
         def swap() -> None:
@@ -767,13 +747,56 @@ def rebuild(
         stack.close()
         if stager is not None:
             stager.close()
-        for (_, name), (target, value) in saved.items():
-            target.execute(f"PRAGMA {name} = {value}")
         if staged:
             reader.close()
+    return int(n_events)
+
+
+@contextlib.contextmanager
+def _bulk_mode(reader: sqlite3.Connection, conn: sqlite3.Connection) -> Iterator[None]:
+    """Bulk-load pragmas on both connections and no cyclic GC, restored afterwards.
+
+    The fold makes no reference cycles; the cyclic GC would only rescan millions of
+    short-lived event dicts over and over.
+    """
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    saved: dict[tuple[int, str], tuple[sqlite3.Connection, Any]] = {}
+    try:
+        for target, pragmas in ((reader, _BULK_PRAGMAS), (conn, _BULK_PRAGMAS | _WRITE_PRAGMAS)):
+            for name, value in pragmas.items():
+                current = target.execute(f"PRAGMA {name}").fetchone()
+                if current is None:  # (in-memory: no mmap_size)
+                    continue
+                saved.setdefault((id(target), name), (target, current[0]))
+                target.execute(f"PRAGMA {name} = {value}")
+        yield
+    finally:
+        for (_, name), (target, value) in saved.items():
+            target.execute(f"PRAGMA {name} = {value}")
         if gc_was_enabled:
             gc.enable()
-    return int(n_events)
+
+
+def _fold_into_staging(
+    reader: sqlite3.Connection,
+    stager: _Stager,
+    path: str | None,
+    head: int,
+    pool: _Workers | None,
+    report: Callable[[int], None],
+) -> None:
+    """Calls by the worker pool (each a range of voice_ids) or in this process; broadcasts
+    here, while the workers fold."""
+    if pool is None:
+        _fold_calls(reader, stager, head, progress=report)
+        _fold_broadcasts(reader, stager, head)
+        return
+    bounds = [None, *_split_points(reader, len(pool.procs)), None]
+    pool.start(path, head, list(itertools.pairwise(bounds)))
+    _fold_broadcasts(reader, stager, head)
+    pool.wait(report)
+    pool.close()
 
 
 def _drop_staging_quietly(conn: sqlite3.Connection) -> None:

@@ -634,3 +634,28 @@ def test_redelivered_older_event_never_overtakes_one_in_flight(
     assert [r["envelope"]["callgateseq"] for r in records] == [1, 2, 1]
     # The resend of seq 1 only started once seq 2 had been answered.
     assert records[2]["received_at"] >= records[1]["answered_at"]
+
+
+def test_judge_decides_each_outcome_without_io() -> None:
+    """The pure half of Forwarder.record: what an attempt's answer means for its delivery."""
+    from datetime import UTC, datetime
+
+    claim = delivery.Claim("d1", "s1", 1, "ev_1", "voice:a", 1, 0, "http://x", "{}")
+    options = delivery.ForwardOptions(schedule=(0, 10, 20), jitter=0.0)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def attempt(code: int | None, error: str | None = None, retry_after: float | None = None,
+                step: int = 0) -> delivery.Verdict:
+        c = delivery.Claim(*[*vars(claim).values()][:6], step, "http://x", "{}")
+        res = delivery.AttemptResult(c, "t", 5, code, None, error, retry_after)
+        return delivery.judge(res, options, lambda lo, hi: 1.0, now)
+
+    assert attempt(204) == delivery.Verdict("delivered", None)
+    assert attempt(410).outcome == "gone"
+    retry = attempt(500)
+    assert (retry.outcome, retry.error, retry.next_at) == (
+        "retry", "HTTP 500", "2026-01-01T00:00:10.000Z"
+    )
+    assert attempt(503, retry_after=60).next_at == "2026-01-01T00:01:00.000Z"
+    assert attempt(None, error="timeout").error == "timeout"
+    assert attempt(500, step=2) == delivery.Verdict("dead", "HTTP 500")

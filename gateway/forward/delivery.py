@@ -23,7 +23,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -212,6 +212,38 @@ def make_client(options: ForwardOptions) -> httpx.Client:
     )
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What one attempt means for its delivery."""
+
+    outcome: str  # delivered | gone | dead | retry
+    error: str | None
+    next_at: str | None = None
+
+
+def judge(
+    res: AttemptResult,
+    options: ForwardOptions,
+    uniform: Callable[[float, float], float],
+    now: datetime,
+) -> Verdict:
+    """Pure: 2xx delivered, 410 gone (the subscription is disabled), otherwise the next
+    step of the schedule with jitter (never sooner than Retry-After), or dead past its end."""
+    code = res.status_code
+    if code is not None and 200 <= code < 300:
+        return Verdict("delivered", res.error)
+    error = res.error if res.error is not None else f"HTTP {code}"
+    if code == 410:
+        return Verdict("gone", error)
+    step = res.claim.retry_step + 1
+    if step >= len(options.schedule):
+        return Verdict("dead", error)
+    delay = options.schedule[step] * uniform(1 - options.jitter, 1 + options.jitter)
+    if res.retry_after is not None:
+        delay = max(delay, res.retry_after)
+    return Verdict("retry", error, later(delay, now))
+
+
 class Forwarder:
     """The delivery loop over one database; use `forward_once` / `follow` unless embedding."""
 
@@ -308,96 +340,83 @@ class Forwarder:
 
     def record(self, results: Iterable[AttemptResult], stats: ForwardStats) -> None:
         """Write the attempts and move each delivery on: delivered, retry, dead or disabled."""
-        schedule = self.options.schedule
         now_dt = datetime.now(UTC)
         now = format_utc(now_dt)
         with transaction(self.conn):
             for res in results:
-                c = res.claim
                 stats.attempts += 1
-                code = res.status_code
-                next_at: str | None = None
-                if code is not None and 200 <= code < 300:
-                    outcome = "delivered"
-                elif code == 410:
-                    outcome = "gone"
-                else:
-                    step = c.retry_step + 1
-                    if step >= len(schedule):
-                        outcome = "dead"
-                    else:
-                        outcome = "retry"
-                        delay = schedule[step] * self.rng.uniform(
-                            1 - self.options.jitter, 1 + self.options.jitter
-                        )
-                        if res.retry_after is not None:
-                            delay = max(delay, res.retry_after)
-                        next_at = later(delay, now_dt)
-                error = res.error
-                if error is None and outcome != "delivered":
-                    error = f"HTTP {code}"
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO delivery_attempts (delivery_id, subscription_id, "
-                    "attempt, started_at, duration_ms, status_code, response_body, error, "
-                    "outcome, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        c.delivery_id,
-                        c.subscription_id,
-                        c.attempt,
-                        res.started_at,
-                        res.duration_ms,
-                        code,
-                        res.response_body,
-                        res.error,
-                        outcome,
-                        next_at,
-                    ),
-                )
-                common = (res.started_at, code, error)
-                if outcome == "delivered":
-                    stats.delivered += 1
-                    self.conn.execute(
-                        "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, "
-                        "claimed_until = NULL, last_attempt_at = ?, last_status = ?, "
-                        "last_error = NULL, delivered_at = ? "
-                        "WHERE id = ? AND status IN ('pending', 'cancelled')",
-                        (res.started_at, code, now, c.delivery_id),
-                    )
-                    promote(self.conn, c.subscription_id, c.order_key, now)
-                elif outcome == "gone":
-                    self.conn.execute(
-                        "UPDATE deliveries SET status = 'cancelled', attempts = attempts + 1, "
-                        "claimed_until = NULL, last_attempt_at = ?, last_status = ?, "
-                        "last_error = ? WHERE id = ?",
-                        (*common, c.delivery_id),
-                    )
-                    reason = f"receiver answered 410 Gone at {res.started_at}"
-                    disable_subscription(self.conn, c.subscription_id, reason, now)
-                    if c.subscription_id not in stats.disabled:
-                        stats.disabled.append(c.subscription_id)
-                    log.warning("subscription %s disabled: %s", c.subscription_id, reason)
-                elif outcome == "dead":
-                    stats.dead += 1
-                    self.conn.execute(
-                        "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, "
-                        "retry_step = retry_step + 1, claimed_until = NULL, "
-                        "last_attempt_at = ?, last_status = ?, last_error = ? "
-                        "WHERE id = ? AND status = 'pending'",
-                        (*common, c.delivery_id),
-                    )
-                    promote(self.conn, c.subscription_id, c.order_key, now)
-                    log.warning(
-                        "delivery %s dead after %d tries: %s", c.delivery_id, c.attempt, error
-                    )
-                else:
-                    stats.retrying += 1
-                    self.conn.execute(
-                        "UPDATE deliveries SET attempts = attempts + 1, "
-                        "retry_step = retry_step + 1, claimed_until = NULL, next_attempt_at = ?, "
-                        "last_attempt_at = ?, last_status = ?, last_error = ? "
-                        "WHERE id = ? AND status = 'pending'",
-                        (next_at, *common, c.delivery_id),
-                    )
+                verdict = judge(res, self.options, self.rng.uniform, now_dt)
+                self._write_attempt(res, verdict)
+                self._move_on(res, verdict, now, stats)
+
+    def _write_attempt(self, res: AttemptResult, verdict: Verdict) -> None:
+        c = res.claim
+        self.conn.execute(
+            "INSERT OR IGNORE INTO delivery_attempts (delivery_id, subscription_id, "
+            "attempt, started_at, duration_ms, status_code, response_body, error, "
+            "outcome, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                c.delivery_id,
+                c.subscription_id,
+                c.attempt,
+                res.started_at,
+                res.duration_ms,
+                res.status_code,
+                res.response_body,
+                res.error,
+                verdict.outcome,
+                verdict.next_at,
+            ),
+        )
+
+    def _move_on(self, res: AttemptResult, verdict: Verdict, now: str, stats: ForwardStats) -> None:
+        """The delivery's new status; a finished one lets the call's next delivery go."""
+        c = res.claim
+        common = (res.started_at, res.status_code, verdict.error)
+        if verdict.outcome == "delivered":
+            stats.delivered += 1
+            self.conn.execute(
+                "UPDATE deliveries SET status = 'delivered', attempts = attempts + 1, "
+                "claimed_until = NULL, last_attempt_at = ?, last_status = ?, "
+                "last_error = NULL, delivered_at = ? "
+                "WHERE id = ? AND status IN ('pending', 'cancelled')",
+                (res.started_at, res.status_code, now, c.delivery_id),
+            )
+            promote(self.conn, c.subscription_id, c.order_key, now)
+        elif verdict.outcome == "gone":
+            self.conn.execute(
+                "UPDATE deliveries SET status = 'cancelled', attempts = attempts + 1, "
+                "claimed_until = NULL, last_attempt_at = ?, last_status = ?, "
+                "last_error = ? WHERE id = ?",
+                (*common, c.delivery_id),
+            )
+            reason = f"receiver answered 410 Gone at {res.started_at}"
+            disable_subscription(self.conn, c.subscription_id, reason, now)
+            if c.subscription_id not in stats.disabled:
+                stats.disabled.append(c.subscription_id)
+            log.warning("subscription %s disabled: %s", c.subscription_id, reason)
+        elif verdict.outcome == "dead":
+            stats.dead += 1
+            self.conn.execute(
+                "UPDATE deliveries SET status = 'dead', attempts = attempts + 1, "
+                "retry_step = retry_step + 1, claimed_until = NULL, "
+                "last_attempt_at = ?, last_status = ?, last_error = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (*common, c.delivery_id),
+            )
+            promote(self.conn, c.subscription_id, c.order_key, now)
+            log.warning(
+                "delivery %s dead after %d tries: %s", c.delivery_id, c.attempt, verdict.error
+            )
+        else:
+            stats.retrying += 1
+            self.conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, "
+                "retry_step = retry_step + 1, claimed_until = NULL, next_attempt_at = ?, "
+                "last_attempt_at = ?, last_status = ?, last_error = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (verdict.next_at, *common, c.delivery_id),
+            )
 
     # -- network side (pool threads) --
 

@@ -183,65 +183,65 @@ def enqueue(
         if sub.cursor_seq >= head:
             continue
         while True:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(
-                    "SELECT cursor_seq, disabled_at FROM subscriptions WHERE id = ?", (sub.id,)
-                ).fetchone()
-                if row is None or row["disabled_at"]:
-                    conn.execute("COMMIT")
-                    break
-                events = conn.execute(
-                    "SELECT seq, event_id, voice_id, broadcast_id, class, state FROM events "
-                    "WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (row["cursor_seq"], batch),
-                ).fetchall()
-                if not events:
-                    conn.execute("COMMIT")
-                    break
-                created = utc_now()
-                due = later(schedule[0])
-                busy: dict[str, bool] = {}  # queue → already has a pending delivery
-                rows = []
-                for e in events:
-                    if not matches(sub.patterns, e["class"], e["state"]):
-                        continue
-                    key = order_key(e["voice_id"], e["broadcast_id"], e["event_id"])
-                    if key not in busy:
-                        busy[key] = _queue_busy(conn, sub.id, key)
-                    rows.append(
-                        (
-                            message_id(sub.id, e["event_id"]),
-                            sub.id,
-                            e["seq"],
-                            e["event_id"],
-                            e["voice_id"],
-                            key,
-                            event_type(e["class"], e["state"]),
-                            created,
-                            None if busy[key] else due,  # NULL: waits behind its call's head
-                        )
-                    )
-                    busy[key] = True
-                cursor = conn.executemany(
-                    "INSERT OR IGNORE INTO deliveries (id, subscription_id, seq, event_id, "
-                    "voice_id, order_key, type, created_at, next_attempt_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                added += max(cursor.rowcount, 0)
-                conn.execute(
-                    "UPDATE subscriptions SET cursor_seq = ? WHERE id = ?",
-                    (events[-1]["seq"], sub.id),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            if len(events) < batch:
+            with transaction(conn):
+                added_now, read = _enqueue_batch(conn, sub, schedule[0], batch)
+            added += added_now
+            if read < batch:
                 break
     return added
+
+
+def _enqueue_batch(
+    conn: sqlite3.Connection, sub: Subscription, first_delay: float, batch: int
+) -> tuple[int, int]:
+    """One batch past the subscription's cursor (inside the caller's transaction):
+    (deliveries added, events read). Reads nothing once the subscription is disabled."""
+    row = conn.execute(
+        "SELECT cursor_seq, disabled_at FROM subscriptions WHERE id = ?", (sub.id,)
+    ).fetchone()
+    if row is None or row["disabled_at"]:
+        return 0, 0
+    events = conn.execute(
+        "SELECT seq, event_id, voice_id, broadcast_id, class, state FROM events "
+        "WHERE seq > ? ORDER BY seq LIMIT ?",
+        (row["cursor_seq"], batch),
+    ).fetchall()
+    if not events:
+        return 0, 0
+    created = utc_now()
+    due = later(first_delay)
+    busy: dict[str, bool] = {}  # queue → already has a pending delivery
+    rows = []
+    for e in events:
+        if not matches(sub.patterns, e["class"], e["state"]):
+            continue
+        key = order_key(e["voice_id"], e["broadcast_id"], e["event_id"])
+        if key not in busy:
+            busy[key] = _queue_busy(conn, sub.id, key)
+        rows.append(
+            (
+                message_id(sub.id, e["event_id"]),
+                sub.id,
+                e["seq"],
+                e["event_id"],
+                e["voice_id"],
+                key,
+                event_type(e["class"], e["state"]),
+                created,
+                None if busy[key] else due,  # NULL: waits behind its call's head
+            )
+        )
+        busy[key] = True
+    cursor = conn.executemany(
+        "INSERT OR IGNORE INTO deliveries (id, subscription_id, seq, event_id, "
+        "voice_id, order_key, type, created_at, next_attempt_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    conn.execute(
+        "UPDATE subscriptions SET cursor_seq = ? WHERE id = ?", (events[-1]["seq"], sub.id)
+    )
+    return max(cursor.rowcount, 0), len(events)
 
 
 # The head of each (subscription, call) queue: the only delivery of that call allowed to

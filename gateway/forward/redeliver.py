@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from gateway.db import transaction, utc_now
 from gateway.forward.envelope import message_id, order_key
@@ -77,6 +78,26 @@ def redeliver(
             raise SubscriptionError(
                 f"subscription {subscription_id} is disabled ({sub.disabled_reason})"
             )
+    where, params = _filters(event_ids, voice_ids, since, until)
+    with transaction(conn):
+        subs = {
+            row["id"]: Subscription.from_row(row)
+            for row in conn.execute("SELECT * FROM subscriptions WHERE disabled_at IS NULL")
+            if subscription_id in (None, row["id"])
+        }
+        if dead:
+            plan = _plan_dead(conn, subs, where, params)
+        else:
+            plan = _plan_events(conn, subs, where, params)
+        if not dry_run:
+            _apply(conn, plan)
+    return plan
+
+
+def _filters(
+    event_ids: Sequence[str], voice_ids: Sequence[str], since: str | None, until: str | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause over `events e` that the options select, with its parameters."""
     where, params = ["1 = 1"], []
     if event_ids:
         clause, ids = eventlog.event_id_match(event_ids, table="e")
@@ -92,55 +113,58 @@ def redeliver(
     if until:
         where.append("e.occurred_at < ?")
         params.append(parse_time(until))
+    return " AND ".join(where), params
 
-    with transaction(conn):
-        subs = {
-            row["id"]: Subscription.from_row(row)
-            for row in conn.execute("SELECT * FROM subscriptions WHERE disabled_at IS NULL")
-            if subscription_id in (None, row["id"])
-        }
-        plan: list[Redelivery] = []
-        if dead:
-            rows = conn.execute(
-                "SELECT d.subscription_id, d.status, e.seq, e.event_id, e.voice_id, "
-                "e.class, e.state, e.occurred_at FROM deliveries d JOIN events e ON e.seq = d.seq "
-                f"WHERE d.status = 'dead' AND {' AND '.join(where)} ORDER BY e.seq",
-                params,
-            ).fetchall()
-            plan = [
-                _planned(r, r["subscription_id"], r["status"], "requeue")
-                for r in rows
-                if r["subscription_id"] in subs
-            ]
-        else:
-            existing = {
-                (r["subscription_id"], r["event_id"]): r["status"]
-                for r in conn.execute(
-                    "SELECT d.subscription_id, d.event_id, d.status FROM deliveries d "
-                    f"JOIN events e ON e.seq = d.seq WHERE {' AND '.join(where)}",
-                    params,
-                )
-            }
-            for r in conn.execute(
-                "SELECT e.seq, e.event_id, e.voice_id, e.class, e.state, e.occurred_at "
-                f"FROM events e WHERE {' AND '.join(where)} ORDER BY e.seq",
-                params,
-            ):
-                for sub in subs.values():
-                    if not matches(sub.patterns, r["class"], r["state"]):
-                        continue
-                    status = existing.get((sub.id, r["event_id"]))
-                    if status == "pending":
-                        action = "skip-pending"
-                    elif status is not None:
-                        action = "requeue"
-                    elif r["seq"] <= sub.cursor_seq:
-                        action = "create"
-                    else:
-                        action = "skip-not-yet-enqueued"
-                    plan.append(_planned(r, sub.id, status, action))
-        if not dry_run:
-            _apply(conn, plan)
+
+def _plan_dead(
+    conn: sqlite3.Connection, subs: dict[str, Subscription], where: str, params: list[Any]
+) -> list[Redelivery]:
+    """Dead-lettered deliveries of the selected events, requeued."""
+    rows = conn.execute(
+        "SELECT d.subscription_id, d.status, e.seq, e.event_id, e.voice_id, "
+        "e.class, e.state, e.occurred_at FROM deliveries d JOIN events e ON e.seq = d.seq "
+        f"WHERE d.status = 'dead' AND {where} ORDER BY e.seq",
+        params,
+    ).fetchall()
+    return [
+        _planned(r, r["subscription_id"], r["status"], "requeue")
+        for r in rows
+        if r["subscription_id"] in subs
+    ]
+
+
+def _plan_events(
+    conn: sqlite3.Connection, subs: dict[str, Subscription], where: str, params: list[Any]
+) -> list[Redelivery]:
+    """Every selected event to every live subscription that wants it: requeued when it was
+    delivered before, created when it predates the subscription, skipped while pending."""
+    existing = {
+        (r["subscription_id"], r["event_id"]): r["status"]
+        for r in conn.execute(
+            "SELECT d.subscription_id, d.event_id, d.status FROM deliveries d "
+            f"JOIN events e ON e.seq = d.seq WHERE {where}",
+            params,
+        )
+    }
+    plan: list[Redelivery] = []
+    for r in conn.execute(
+        "SELECT e.seq, e.event_id, e.voice_id, e.class, e.state, e.occurred_at "
+        f"FROM events e WHERE {where} ORDER BY e.seq",
+        params,
+    ):
+        for sub in subs.values():
+            if not matches(sub.patterns, r["class"], r["state"]):
+                continue
+            status = existing.get((sub.id, r["event_id"]))
+            if status == "pending":
+                action = "skip-pending"
+            elif status is not None:
+                action = "requeue"
+            elif r["seq"] <= sub.cursor_seq:
+                action = "create"
+            else:
+                action = "skip-not-yet-enqueued"
+            plan.append(_planned(r, sub.id, status, action))
     return plan
 
 
