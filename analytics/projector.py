@@ -801,13 +801,8 @@ def _fold_into_staging(
 
 def _drop_staging_quietly(conn: sqlite3.Connection) -> None:
     """Best effort after a failed rebuild (the next rebuild drops them anyway)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with contextlib.suppress(sqlite3.Error), transaction(conn):
         tables.drop_staging(conn)
-        conn.execute("COMMIT")
-    except sqlite3.Error:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
 
 
 def lag(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -263,17 +263,15 @@ def create_subscription(
     sub_id = new_subscription_id()
     created = utc_now()
     store.add(sub_id, signing, created)  # secret first: a subscription never lacks one
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        head = log_head_seq(conn)
-        conn.execute(
-            "INSERT INTO subscriptions (id, url, events, created_at, cursor_seq) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (sub_id, clean_url, json.dumps(clean_patterns), created, 0 if from_start else head),
-        )
-        conn.execute("COMMIT")
+        with transaction(conn):
+            head = log_head_seq(conn)
+            conn.execute(
+                "INSERT INTO subscriptions (id, url, events, created_at, cursor_seq) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (sub_id, clean_url, json.dumps(clean_patterns), created, 0 if from_start else head),
+            )
     except BaseException:
-        conn.execute("ROLLBACK")
         store.delete(sub_id)
         raise
     return get_subscription(conn, sub_id), signing
