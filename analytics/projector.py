@@ -523,7 +523,7 @@ class _Workers:
             for _ in range(count):
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-c", _WORKER_CODE],
+                        [sys.executable, "-c", _WORKER_CODE, str(os.getpid())],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         env=env,
@@ -595,12 +595,12 @@ class _Workers:
 _WORKER_CODE = "from analytics.projector import _worker_main; raise SystemExit(_worker_main())"
 
 
-def _die_with_parent() -> int:
+def _die_with_parent(parent: int) -> int:
     """Linux: have the kernel SIGKILL this worker when the rebuild's process dies (even by
     SIGKILL), so an orphan never writes into the staging tables of a later rebuild.
-    Elsewhere `_Stager` checks the parent before each write transaction. Returns the
-    parent's pid."""
-    parent = os.getppid()
+    Elsewhere `_Stager` checks the parent before each write transaction. `parent` is the
+    pid the rebuild passed on the command line: reading it here with getppid() would see
+    the adoptive parent when the rebuild died while this worker was still importing."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before prctl took effect
@@ -613,7 +613,7 @@ def _worker_main() -> int:
     that voice_id range, report on stdout (one JSON object per line: progress, then ok
     or error)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    parent = _die_with_parent()
+    parent = _die_with_parent(int(sys.argv[1]))
     gc.disable()
     # Binding None goes through sqlite3's adapter lookup, whose miss raises and swallows an
     # AttributeError per NULL (a third of the write time); a registered adapter answers

@@ -146,10 +146,12 @@ def test_a_failing_worker_fails_the_rebuild(log: tuple[str, sqlite3.Connection])
 
 
 @needs_proc
-def test_a_killed_rebuild_takes_its_workers_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize("armed_after", [1.0, 0.0])
+def test_a_killed_rebuild_takes_its_workers_down(tmp_path: Path, armed_after: float) -> None:
     """SIGKILL of the rebuilding process: its workers die with it (the kernel's parent-death
     signal), even though something else keeps their job pipe open, so no orphan can write
-    into the staging tables of a later rebuild."""
+    into the staging tables of a later rebuild. With no wait the rebuild dies while its
+    workers are still importing: they must notice they were orphaned before arming."""
     script = (
         "import subprocess, sys, time\n"
         "from analytics import projector\n"
@@ -167,8 +169,9 @@ def test_a_killed_rebuild_takes_its_workers_down(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         *workers, holder = map(int, parent.stdout.readline().split())
-        time.sleep(1.0)  # let the workers import and arm their parent-death signal
-        assert all(_alive(pid) for pid in workers), "workers wait for their job"
+        time.sleep(armed_after)  # 1 s: the workers have imported and armed the signal
+        if armed_after:
+            assert all(_alive(pid) for pid in workers), "workers wait for their job"
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         assert not _wait_dead(workers), "orphaned rebuild workers kept running"
