@@ -56,7 +56,7 @@ def backup_command(db: str, dest: str, force: bool) -> None:
         _fail(exc)
     click.echo(
         f"ok: {checked.path}: {checked.events} events, head seq {checked.head_seq} "
-        f"{checked.head_hash}"
+        f"{checked.head_hash} (copied: {', '.join(checked.files)})"
     )
 
 
@@ -105,8 +105,11 @@ def restore_command(db: str, src: str, force: bool, timeout: float) -> None:
         _fail(exc)
     click.echo(
         f"ok: restored {checked.events} events into {checked.path}, head seq "
-        f"{checked.head_seq} {checked.head_hash}"
+        f"{checked.head_seq} {checked.head_hash} (restored: {', '.join(checked.files)})"
     )
+    for name in files.keys() - set(checked.files):
+        click.echo(f"note: {src} holds no copy of the {name} file; {files[name]} left as it is",
+                   err=True)
 
 
 @click.command("replicate")

@@ -40,6 +40,7 @@ class Checked:
     events: int
     head_seq: int
     head_hash: str
+    files: tuple[str, ...] = ()  # what was copied: "log" and the companions found
 
 
 def companion_file(path: str, name: str) -> str:
@@ -157,9 +158,11 @@ def backup(db: str, dest: str, force: bool = False,
     if not Path(db).is_file():
         raise BackupError(f"{db}: no such database")
     targets = {dest: db}
+    names = ["log"]
     for name, path in (companions or {}).items():
         if Path(path).is_file():
             targets[companion_file(dest, name)] = path
+            names.append(name)
     if not force:
         existing = [target for target in targets if Path(target).exists()]
         if existing:
@@ -170,7 +173,8 @@ def backup(db: str, dest: str, force: bool = False,
             _copy(source, temp)
             if source == db:
                 checked = check_log(temp, label=f"copy of {db}")
-                checked = Checked(target, checked.events, checked.head_seq, checked.head_hash)
+                checked = Checked(target, checked.events, checked.head_seq, checked.head_hash,
+                                  tuple(names))
             else:
                 check_plain(temp, label=f"copy of {source}")
             os.replace(temp, target)
@@ -274,7 +278,8 @@ def restore(sources: list[Source], force: bool = False) -> Checked:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(source.target + "-shm")
             _fsync_dir(source.target)
-        return Checked(sources[0].target, checked.events, checked.head_seq, checked.head_hash)
+        return Checked(sources[0].target, checked.events, checked.head_seq, checked.head_hash,
+                       tuple(source.name for source, _temp in ready))
 
 
 def from_file(path: str) -> Callable[[str], bool]:
