@@ -9,6 +9,7 @@ import click
 from gateway.cli.options import db_option
 from gateway.config import Config
 from gateway.log.backup import BackupError
+from gateway.log.litestream import RESTORE_TIMEOUT
 
 SYNC_INTERVAL = 1.0
 
@@ -66,7 +67,7 @@ def backup_command(db: str, dest: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a database that already holds events.")
 @click.option(
     "--timeout",
-    default=300.0,
+    default=RESTORE_TIMEOUT,
     show_default=True,
     type=click.FloatRange(min=0.1),
     help="Seconds to wait for Litestream to fetch a replica.",
