@@ -24,7 +24,8 @@ from gateway.db import connect
 from gateway.log import eventlog
 from gateway.log.backup import companion_file
 from gateway.log.writer import BatchWriter
-from tests.conftest import CALLGATE, RunningServer, free_port, server_env, wait_http
+from tests.conftest import CALLGATE, RunningServer, server_env
+from tests.servers import Subprocess, free_port, wait_http
 from tests.test_crash_safety import HEADERS, make_events
 from tests.test_group_commit import new_event
 
@@ -308,33 +309,25 @@ def test_restore_bad_input_is_a_clear_error(tmp_path: Path) -> None:
 # --- continuous replication -------------------------------------------------------------
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=20)
-
-
 def test_replica_survives_sigkill_with_every_acknowledged_event(tmp_path: Path) -> None:
     (tmp_path / "live").mkdir()
     db = str(tmp_path / "live" / "callgate.db")
     replica = tmp_path / "replica"
     env = server_env(CALLGATE_CHECKPOINT="passive")
     server = RunningServer(db, env).start()
-    log = (tmp_path / "replicate.log").open("wb")
-    replicator = subprocess.Popen(
-        [CALLGATE, "replicate", f"file://{replica}", "--db", db, "--sync-interval", "0.2"],
-        env=env, stdout=log, stderr=log, start_new_session=True,
+    replicator = Subprocess(tmp_path / "replicate.log", env)
+    replicator.launch(
+        [CALLGATE, "replicate", f"file://{replica}", "--db", db, "--sync-interval", "0.2"]
     )
     try:
         with Poster(server.url + "/webhooks/enablex", 1200) as poster:
             poster.wait_acked(1200, timeout=120)
         assert not poster.failures, poster.failures[:5]
         time.sleep(1.5)  # past the sync interval (and Litestream's 1 s WAL monitor)
-        assert replicator.poll() is None, (tmp_path / "replicate.log").read_text()
+        assert replicator.running, (tmp_path / "replicate.log").read_text()
     finally:
-        _kill(replicator)
+        replicator.kill()  # SIGKILL, like the gateway: no final sync
         server.kill()
-        log.close()
     p50, p99 = poster.percentile(50), poster.percentile(99)
     print(f"\ncommit latency with Litestream replicating: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
           f"max {max(poster.latencies) * 1000:.1f} ms over {len(poster.latencies)} webhooks")
