@@ -188,26 +188,44 @@ def test_backup_refuses_an_existing_dest_and_bad_sources(tmp_path: Path) -> None
 # --- restore ----------------------------------------------------------------------------
 
 
-def test_restore_puts_a_backup_and_its_secrets_in_place(tmp_path: Path) -> None:
+def make_key_store(path: str) -> None:
+    """Stands in for issue 16b's key store: any SQLite file at CALLGATE_KEYS_DB."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE data_keys (voice_id TEXT, key BLOB)")
+        conn.execute("INSERT INTO data_keys VALUES ('call-1', x'00ff')")
+    conn.close()
+
+
+def count_rows(path: str | Path, table: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_restore_puts_a_backup_its_secrets_and_key_store_in_place(tmp_path: Path) -> None:
     db = str(tmp_path / "live" / "callgate.db")
     make_log(db, 30)
-    env = server_env()
+    env = server_env(CALLGATE_KEYS_DB=str(tmp_path / "live-keys" / "keys.db"))
+    make_key_store(env["CALLGATE_KEYS_DB"])
     subscribed = run("subscribe", "http://127.0.0.1:9/hook", "--db", db, env=env)
     assert subscribed.returncode == 0, subscribed.stderr
     dest = str(tmp_path / "backup.db")
     made = run("backup", dest, "--db", db, env=env)
-    assert made.returncode == 0 and "copied: log, secrets" in made.stdout, made.stderr
-    assert Path(companion_file(dest, "secrets")).is_file()
+    assert made.returncode == 0 and "copied: log, secrets, keys" in made.stdout, made.stderr
     target = str(tmp_path / "new" / "callgate.db")
+    env["CALLGATE_KEYS_DB"] = str(tmp_path / "new-keys" / "keys.db")
     done = run("restore", dest, "--db", target, env=env)
-    assert done.returncode == 0 and "restored: log, secrets" in done.stdout, done.stderr
+    assert done.returncode == 0 and "restored: log, secrets, keys" in done.stdout, done.stderr
     assert chain(target) == chain(db) and checks(target).ok
     restored_secrets = tmp_path / "new" / "callgate-secrets.db"
-    for path in (dest, companion_file(dest, "secrets"), target, restored_secrets):
+    copies = (dest, companion_file(dest, "secrets"), companion_file(dest, "keys"))
+    for path in (*copies, target, restored_secrets, env["CALLGATE_KEYS_DB"]):
         assert Path(path).stat().st_mode & 0o777 == 0o600, path  # personal data, secrets
-    secrets = sqlite3.connect(restored_secrets)
-    assert secrets.execute("SELECT count(*) FROM secrets").fetchone()[0] == 1
-    secrets.close()
+    assert count_rows(restored_secrets, "secrets") == 1
+    assert count_rows(env["CALLGATE_KEYS_DB"], "data_keys") == 1
     # The restored log takes new events through the ordinary write path.
     make_log(target, 3, start=500)
     assert checks(target).ok and checks(target).head_seq == 33
@@ -314,6 +332,7 @@ def test_replica_survives_sigkill_with_every_acknowledged_event(tmp_path: Path) 
     db = str(tmp_path / "live" / "callgate.db")
     replica = tmp_path / "replica"
     env = server_env(CALLGATE_CHECKPOINT="passive")
+    assert run("subscribe", "http://127.0.0.1:9/hook", "--db", db, env=env).returncode == 0
     server = RunningServer(db, env).start()
     replicator = Subprocess(tmp_path / "replicate.log", env)
     replicator.launch(
@@ -343,6 +362,7 @@ def test_replica_survives_sigkill_with_every_acknowledged_event(tmp_path: Path) 
     conn.close()
     missing = set(poster.acked) - held
     assert not missing, f"{len(missing)} acknowledged events missing from the replica"
+    assert count_rows(Path(restored).parent / "callgate-secrets.db", "secrets") == 1
 
 
 def test_up_replicate_runs_litestream_and_stops_it(tmp_path: Path) -> None:
