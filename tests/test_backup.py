@@ -75,12 +75,18 @@ def file_digest(path: str) -> str:
 
 
 class Poster:
-    """Keep-alive clients posting unique events until stopped; records what was acknowledged
-    and how long each acknowledgement took (commit latency as a webhook sees it)."""
+    """Keep-alive clients posting unique events until stopped (or `count` were sent, when
+    given); records what was acknowledged and how long each acknowledgement took (commit
+    latency as a webhook sees it). Events are made in chunks as they are needed."""
 
-    def __init__(self, url: str, count: int, clients: int = 4, seed: int = 17) -> None:
+    CHUNK = 200
+
+    def __init__(self, url: str, count: int | None = None, clients: int = 4,
+                 seed: int = 17) -> None:
         self.url = url
-        self.events = make_events(count, seed)
+        self.count = count
+        self.seed = seed
+        self.events: list[tuple[str, bytes]] = []
         self.acked: list[str] = []
         self.latencies: list[float] = []
         self.failures: list[str] = []
@@ -93,8 +99,11 @@ class Poster:
         with httpx.Client(timeout=10.0) as client:
             while not self.stop.is_set():
                 with self._lock:
-                    if self._next >= len(self.events):
+                    if self.count is not None and self._next >= self.count:
                         return
+                    if self._next >= len(self.events):  # seeds keep every chunk's ids apart
+                        chunk = len(self.events) // self.CHUNK
+                        self.events += make_events(self.CHUNK, self.seed * 1000 + chunk)
                     event_id, body = self.events[self._next]
                     self._next += 1
                 started = time.perf_counter()
@@ -140,7 +149,7 @@ def test_backup_while_serving_is_a_verified_prefix_of_the_live_log(tmp_path: Pat
     dest = str(tmp_path / "copies" / "backup.db")
     server = RunningServer(db, server_env()).start()
     try:
-        with Poster(server.url + "/webhooks/enablex", 1500) as poster:
+        with Poster(server.url + "/webhooks/enablex") as poster:
             poster.wait_acked(200)
             done = run("backup", dest, "--db", db)
             during = len(poster.acked)
@@ -339,8 +348,8 @@ def test_replica_survives_sigkill_with_every_acknowledged_event(tmp_path: Path) 
         [CALLGATE, "replicate", f"file://{replica}", "--db", db, "--sync-interval", "0.2"]
     )
     try:
-        with Poster(server.url + "/webhooks/enablex", 1200) as poster:
-            poster.wait_acked(1200, timeout=120)
+        with Poster(server.url + "/webhooks/enablex", 600) as poster:
+            poster.wait_acked(600, timeout=120)
         assert not poster.failures, poster.failures[:5]
         time.sleep(1.5)  # past the sync interval (and Litestream's 1 s WAL monitor)
         assert replicator.running, (tmp_path / "replicate.log").read_text()
