@@ -30,6 +30,17 @@ def split_app_ids(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+CHECKPOINT_MODES = ("passive", "truncate", "off")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """`env[name]` lower-cased, one of `choices` (the first when unset)."""
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the gateway needs; tests build one directly instead of patching env."""
@@ -50,6 +61,10 @@ class Config:
     forward_timeout: float | None = None
     forward_source: str | None = None
     datasette_token: str | None = field(default=None, repr=False)
+    # WAL checkpoints by the gateway: passive (default), truncate, or off (see writer.py).
+    checkpoint: str = "passive"
+    # The key store (issue 16b); backed up and replicated beside the log when set.
+    keys_db: str | None = None
 
     @classmethod
     def from_env(
@@ -70,6 +85,8 @@ class Config:
             forward_timeout=_number(env.get("CALLGATE_FORWARD_TIMEOUT"), float),
             forward_source=env.get("CALLGATE_FORWARD_SOURCE") or None,
             datasette_token=env.get(DATASETTE_TOKEN_ENV) or None,
+            checkpoint=_choice(env, "CALLGATE_CHECKPOINT", CHECKPOINT_MODES),
+            keys_db=env.get("CALLGATE_KEYS_DB") or None,
         )
 
     def ensure_db_dir(self) -> None:

@@ -20,6 +20,12 @@ from gateway.db import log_head
     "--demo-if-empty", is_flag=True, help="Like --demo, but only when the log has no events."
 )
 @click.option("--no-forward", is_flag=True, help="Do not start the forwarder.")
+@click.option(
+    "--replicate",
+    "replica_url",
+    metavar="URL",
+    help="Also stream the log to URL with Litestream (see `callgate replicate`).",
+)
 def up(
     db: str,
     host: str,
@@ -29,6 +35,7 @@ def up(
     demo: bool,
     demo_if_empty: bool,
     no_forward: bool,
+    replica_url: str | None,
 ) -> None:
     """The main job: gateway + projector + forwarder + Datasette; Ctrl-C stops all."""
     import os
@@ -48,7 +55,15 @@ def up(
         ids = Config.from_env(env=env).app_ids
         env["ENABLEX_APP_ID"] = ",".join([*ids, DEMO_APP_ID])
     exe = callgate_executable()
-    parts = [
+    parts = []
+    if replica_url:
+        from gateway.config import Config
+
+        if Config.from_env(env=env).checkpoint == "truncate":
+            click.echo("callgate up: --replicate: gateway checkpoints switched to passive")
+            env["CALLGATE_CHECKPOINT"] = "passive"  # TRUNCATE would stall beside Litestream
+        parts.append(Part("replicate", [*exe, "replicate", replica_url, "--db", db]))
+    parts += [
         Part(
             "gateway",
             [

@@ -125,13 +125,21 @@ class Checkpointer(threading.Thread):
     each interval, so when the leader's process dies the kernel drops its lock and
     another takes over. Without the lock file (read-only directory) every one of
     them checkpoints, which SQLite serialises: correct, only wasteful.
+
+    `mode` (CALLGATE_CHECKPOINT) is "passive", or "truncate": the paused step is a
+    TRUNCATE, which also empties the WAL file but waits for every reader, up to the
+    busy timeout, with the writers paused. Beside Litestream, whose read transaction
+    never ends, that wait is a commit stall every interval, so `replicate` wants
+    "passive" (or "off": no checkpointer, Litestream and the writers' backstop only).
     """
 
-    def __init__(self, db_path: str, seconds: float, timeout: float) -> None:
+    def __init__(self, db_path: str, seconds: float, timeout: float,
+                 mode: str = "passive") -> None:
         super().__init__(name="callgate-checkpointer", daemon=True)
         self.db_path = db_path
         self.seconds = seconds
         self.timeout = timeout
+        self.final = "TRUNCATE" if mode == "truncate" else "PASSIVE"
         self.leading = False
         self._stopped = threading.Event()
 
@@ -157,7 +165,7 @@ class Checkpointer(threading.Thread):
                     conn = connect(self.db_path, "FULL", self.timeout)  # fsyncs the db
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 with lock:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    conn.execute(f"PRAGMA wal_checkpoint({self.final})").fetchone()
             except sqlite3.Error:
                 if conn is not None:
                     conn.close()
@@ -235,8 +243,10 @@ class BatchWriter:
         max_batch: int = MAX_BATCH,
         busy_timeout: float = 5.0,
         gather_seconds: float = GATHER_SECONDS,
+        checkpoint: str = "passive",
     ) -> None:
         self.db_path = db_path
+        self.checkpoint = checkpoint  # Checkpointer's mode; "off": none is started
         self.busy_timeout = busy_timeout
         self.synchronous = synchronous
         self.max_batch = max_batch
@@ -282,9 +292,9 @@ class BatchWriter:
                 )
                 self._thread.start()
                 alive = self._checkpointer is not None and self._checkpointer.is_alive()
-                if self.db_path != ":memory:" and not alive:
+                if self.db_path != ":memory:" and self.checkpoint != "off" and not alive:
                     self._checkpointer = Checkpointer(
-                        self.db_path, CHECKPOINT_SECONDS, self.busy_timeout
+                        self.db_path, CHECKPOINT_SECONDS, self.busy_timeout, self.checkpoint
                     )
                     self._checkpointer.start()
 

@@ -243,7 +243,12 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = None
     store = open_store(config)
     writer = (
-        BatchWriter(config.db_path, config.synchronous, busy_timeout=config.busy_timeout)
+        BatchWriter(
+            config.db_path,
+            config.synchronous,
+            busy_timeout=config.busy_timeout,
+            checkpoint=config.checkpoint,
+        )
         if config.group_commit
         else None
     )
