@@ -10,6 +10,7 @@ from typing import Any
 
 DEFAULT_DB = "data/callgate.db"
 DATASETTE_TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
+MASTER_KEY_ENV = "CALLGATE_MASTER_KEY"
 DEFAULT_MAX_BODY = 1024 * 1024  # EnableX events are < 1 kB; refuse megabyte bodies unread.
 
 
@@ -50,6 +51,11 @@ class Config:
     forward_timeout: float | None = None
     forward_source: str | None = None
     datasette_token: str | None = field(default=None, repr=False)
+    # Sealing and erasure (gateway/log/keystore.py): where the data keys live, the master
+    # key that wraps them, and how long a call's personal data is kept.
+    keys_db: str | None = None
+    master_key: str | None = field(default=None, repr=False)
+    retention_days: float | None = None
 
     @classmethod
     def from_env(
@@ -70,6 +76,9 @@ class Config:
             forward_timeout=_number(env.get("CALLGATE_FORWARD_TIMEOUT"), float),
             forward_source=env.get("CALLGATE_FORWARD_SOURCE") or None,
             datasette_token=env.get(DATASETTE_TOKEN_ENV) or None,
+            keys_db=env.get("CALLGATE_KEYS_DB") or None,
+            master_key=env.get(MASTER_KEY_ENV) or None,
+            retention_days=_number(env.get("CALLGATE_RETENTION_DAYS"), float),
         )
 
     def ensure_db_dir(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli import datasette, forward, log, project, serve, simulate, up
+from gateway.cli import datasette, erase, forward, log, project, serve, simulate, up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,5 +24,6 @@ for _command in (
     *forward.COMMANDS,
     datasette.datasette,
     *project.COMMANDS,
+    erase.erase,
 ):
     main.add_command(_command)

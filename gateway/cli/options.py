@@ -18,3 +18,21 @@ def db_option(func):  # type: ignore[no-untyped-def]
         type=click.Path(dir_okay=False),
         help="SQLite database file (overrides $CALLGATE_DB).",
     )(func)
+
+
+def check_keys(db: str) -> None:
+    """Start-up check of the key store (gateway/log/keystore.py): a missing, foreign or
+    wrongly keyed store stops the command here with the reason, exit 1, never later
+    mid-request and never by sealing with a fresh store."""
+    from gateway.config import Config
+    from gateway.db import connect
+    from gateway.log import eventlog, keystore
+
+    conn = connect(db)
+    try:
+        eventlog.ensure_schema(conn)
+        keystore.for_database(conn, Config.from_env(db_path=db))
+    except keystore.KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        conn.close()
