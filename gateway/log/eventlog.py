@@ -75,7 +75,7 @@ def content_hash(raw_obj: Any, key: bytes | None = None) -> str:
     text = canonical_json(raw_obj).encode()
     if key is None:
         return hashlib.sha256(text).hexdigest()
-    return hmac.new(key, text, hashlib.sha256).hexdigest()
+    return hmac.digest(key, text, "sha256").hex()
 
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:

@@ -111,7 +111,7 @@ class KeyStore:
         self.conn.execute("PRAGMA synchronous=FULL")  # a key is durable before its event
         self._lock = threading.RLock()
         self._cache: dict[str, AESGCM | None] = {}
-        self._tags: set[tuple[bytes, str]] = set()
+        self._tags: set[tuple[str, str]] = set()  # (number, unit) already tagged
         self._ensure_schema()
         self.store_id, index_secret = self._open_meta()
         self.dedup_key = hmac.new(index_secret, b"dedup", hashlib.sha256).digest()
@@ -202,7 +202,7 @@ class KeyStore:
 
     def number_tag(self, number: str) -> bytes:
         """HMAC of a phone number's digits: equal numbers match, nobody can reverse it."""
-        return hmac.new(self._tag_key, number.encode(), hashlib.sha256).digest()[:16]
+        return hmac.digest(self._tag_key, number.encode(), "sha256")[:16]
 
     # -- data keys -----------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class KeyStore:
         all is known. A shredded unit gets None: its personal fields are not stored."""
         result: dict[str, AESGCM | None] = {}
         missing: list[str] = []
-        new_tags: list[tuple[bytes, str]] = []
+        new_tags: list[tuple[str, str]] = []
         for unit, numbers in units.items():
             cipher = self._cache.get(unit)
             if cipher is None:
@@ -256,9 +256,8 @@ class KeyStore:
             else:
                 result[unit] = cipher
             for number in numbers:
-                tag = (self.number_tag(number), unit)
-                if tag not in self._tags:
-                    new_tags.append(tag)
+                if (number, unit) not in self._tags:
+                    new_tags.append((number, unit))
         if not missing and not new_tags:
             return result
         with self._lock:
@@ -287,7 +286,8 @@ class KeyStore:
                 live_tags = [t for t in new_tags if t[1] not in shredded]
                 if live_tags:
                     self.conn.executemany(
-                        "INSERT OR IGNORE INTO number_tags (tag, unit) VALUES (?, ?)", live_tags
+                        "INSERT OR IGNORE INTO number_tags (tag, unit) VALUES (?, ?)",
+                        [(self.number_tag(number), unit) for number, unit in live_tags],
                     )
                 self.conn.execute("COMMIT")
             except BaseException:
@@ -347,7 +347,8 @@ class KeyStore:
                 raise
             for unit in todo:
                 self._cache.pop(unit, None)
-            self._tags = {t for t in self._tags if t[1] not in set(todo)}
+            gone = set(todo)
+            self._tags = {t for t in self._tags if t[1] not in gone}
             self.epoch = self._epoch()
             self._data_version = self._version()
         self.scrub()

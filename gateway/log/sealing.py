@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from gateway.log.keystore import NONCE_BYTES, KeyStore
 
 SEALED = "sealed"
+_NON_DIGITS = re.compile(r"\D+")
 PERSONAL_FIELDS = ("from", "to", "transfer_to", "digits", "text", "recording_url")
 NUMBER_FIELDS = ("from", "to", "transfer_to")
 NESTED_LISTS = ("broadcast_call_info",)
@@ -45,9 +47,10 @@ def unit_of(event: Mapping[str, Any]) -> str | None:
 
 def digits_of(number: Any) -> str | None:
     """A phone number as its digits only (`+91 80684-75012` → `918068475012`)."""
-    if not isinstance(number, str | int) or isinstance(number, bool):
+    if isinstance(number, bool) or not isinstance(number, str | int):
         return None
-    digits = "".join(ch for ch in str(number) if ch.isdigit())
+    text = str(number)
+    digits = text if text.isdigit() else _NON_DIGITS.sub("", text)
     return digits or None
 
 
