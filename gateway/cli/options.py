@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import click
 
 from gateway.config import DEFAULT_DB
@@ -28,11 +30,21 @@ def check_keys(db: str) -> None:
     from gateway.db import connect
     from gateway.log import eventlog, keystore
 
-    conn = connect(db)
+    try:
+        conn = connect(db)
+    except sqlite3.Error as exc:
+        click.echo(f"warning: key store not checked yet ({exc}); checked again on first use",
+                   err=True)
+        return
     try:
         eventlog.ensure_schema(conn)
         keystore.for_database(conn, Config.from_env(db_path=db))
     except keystore.KeyStoreError as exc:
         raise click.ClickException(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:
+        # A full or failing disk: the gateway must still boot and answer 503 until it
+        # recovers; the writer opens (and checks) the key store on its first commit.
+        click.echo(f"warning: key store not checked yet ({exc}); checked again on first use",
+                   err=True)
     finally:
         conn.close()

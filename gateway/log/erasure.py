@@ -156,7 +156,26 @@ def destroy(conn: sqlite3.Connection, store: KeyStore, plan: Plan, reason: str) 
         "keys": len(plan.units),
     }
     item = eventlog.NewEvent(audit, eventlog.canonical_json(audit), audit, "callgate", at)
-    return eventlog.append(conn, item, store).seq
+    seq = eventlog.append(conn, item, store).seq
+    _forget_responses(conn, plan.calls)
+    return seq
+
+
+def _forget_responses(conn: sqlite3.Connection, voice_ids: list[str]) -> None:
+    """Receivers' answers to the erased calls' deliveries (a receiver may echo what it got)."""
+    if not voice_ids:
+        return
+    marks = ",".join("?" * len(voice_ids))
+    try:
+        with db.transaction(conn):
+            conn.execute(
+                "UPDATE delivery_attempts SET response_body = NULL WHERE delivery_id IN "
+                f"(SELECT id FROM deliveries WHERE voice_id IN ({marks}))",
+                voice_ids,
+            )
+    except sqlite3.OperationalError as exc:  # no forwarding tables: nothing was forwarded
+        if "no such table" not in str(exc):
+            raise
 
 
 def scrub(conn: sqlite3.Connection) -> bool:
