@@ -27,8 +27,8 @@ from gateway.wire import crypto
 from tests.conftest import CALLGATE
 from tests.corpus import APP_ID, flows
 from tests.helpers_analytics import append_all, new_event, open_log, snapshot
+from tests.servers import Receiver
 from tests.test_datasette_helpers import OPERATOR_TOKEN, Datasette, build_database
-from tests.test_forwarder import Receiver
 
 # The caller of 16 corpus flows (DTMF, speech, recordings, bridges); typed as a person would.
 NUMBER = "919820012345"
