@@ -240,7 +240,7 @@ def timeline_row(ev: Event, position: int, cls: str, late: bool) -> Row:
     return (
         ev["seq"], ev.get("voice_id"), ev.get("broadcast_id"), position, ev["occurred_at"],
         ev.get("received_at"), cls, ev["state"], ev.get("play_id"), ev.get("prompt_ref"),
-        ev.get("digits"), ev.get("text"), _reason(ev), 1 if late else 0,
+        None, None, _reason(ev), 1 if late else 0,  # digits, text: sealed in the log
     )  # fmt: skip
 
 

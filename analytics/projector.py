@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import itertools
 import json
@@ -34,11 +35,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from analytics import folds, tables
+from gateway.config import Config
 from gateway.db import connect, log_head_seq, transaction, utc_now
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore, sealing
 from gateway.signals import stop_on_signals
 
 CHECKPOINT = "projector"
@@ -54,8 +54,9 @@ Progress = Callable[[int, int], None]
 # page cache and memory-mapped reads matter more than anything in Python.
 _BULK_PRAGMAS = {"cache_size": -262144, "mmap_size": 2147418112, "temp_store": 2}
 # On the connection writing staging: chunks are bound into in-memory TEMP tables, and
-# dropping the old projections does not zero every freed page (a Debian build default);
-# the same data stays in `events`, so zeroing would hide nothing.
+# dropping the old projections does not zero every freed page (a Debian build default):
+# the rows dropped are the same calls the new tables hold, and `callgate erase` VACUUMs,
+# so no erased value outlives an erasure in free pages.
 _WRITE_PRAGMAS = {"temp_store": 2, "secure_delete": "FAST"}
 _CHUNK_SUFFIX = "__chunk"
 _NONE_TO_NULL: Callable[[None], None] = {}.get  # a C-level "return None" for sqlite3 adapters
@@ -115,10 +116,18 @@ def _set_checkpoint(conn: sqlite3.Connection, seq: int) -> None:
     )
 
 
-def _decode(rows: Iterable[tuple[int, str, str]]) -> list[dict[str, Any]]:
-    """Log rows → the fold's input: the normalised payload plus seq and received_at."""
+def opener(conn: sqlite3.Connection) -> sealing.Opener:
+    """How this projector opens sealed payloads: the key store of conn's database."""
+    return sealing.Opener(keystore.for_database(conn))
+
+
+def _decode(
+    rows: Iterable[tuple[int, str, str]], unseal: sealing.Opener
+) -> list[dict[str, Any]]:
+    """Log rows → the fold's input: the normalised payload (personal values unsealed unless
+    erased) plus seq and received_at."""
     out = []
-    loads = orjson.loads
+    loads = unseal.event
     for seq, received_at, payload in rows:
         event = loads(payload)
         event["seq"] = seq
@@ -127,16 +136,19 @@ def _decode(rows: Iterable[tuple[int, str, str]]) -> list[dict[str, Any]]:
     return out
 
 
-def load_call(conn: sqlite3.Connection, voice_id: str) -> list[dict[str, Any]]:
+def load_call(
+    conn: sqlite3.Connection, voice_id: str, unseal: sealing.Opener | None = None
+) -> list[dict[str, Any]]:
     """All logged events of one call, in (occurred_at, seq) order."""
-    return _decode(_cursor(conn).execute(_CALL_EVENTS, (voice_id,)))
+    unseal = unseal or opener(conn)
+    return _decode(_cursor(conn).execute(_CALL_EVENTS, (voice_id,)), unseal)
 
 
-def _broadcast_event(row: tuple[Any, ...]) -> dict[str, Any]:
+def _broadcast_event(row: tuple[Any, ...], unseal: sealing.Opener) -> dict[str, Any]:
     """A summary decoded in full; a leg's event as just the columns the broadcast fold reads."""
     broadcast_id, seq, received_at, voice_id, cls, state, occurred_at, payload = row
     if payload is not None:
-        event = orjson.loads(payload)
+        event = unseal.event(payload)
         event["seq"] = seq
         event["received_at"] = received_at
         return event  # type: ignore[no-any-return]
@@ -151,9 +163,13 @@ def _broadcast_event(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def load_broadcast(conn: sqlite3.Connection, broadcast_id: str) -> list[dict[str, Any]]:
+def load_broadcast(
+    conn: sqlite3.Connection, broadcast_id: str, unseal: sealing.Opener | None = None
+) -> list[dict[str, Any]]:
     """All logged events carrying one broadcast_id (summaries and legs), in event order."""
-    return [_broadcast_event(r) for r in _cursor(conn).execute(_BROADCAST_EVENTS, (broadcast_id,))]
+    unseal = unseal or opener(conn)
+    rows = _cursor(conn).execute(_BROADCAST_EVENTS, (broadcast_id,))
+    return [_broadcast_event(r, unseal) for r in rows]
 
 
 class _Rows:
@@ -217,7 +233,12 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
     retries), so the gateway's appends wait for milliseconds at most.
     """
     ensure_tables(conn)
+    unseal = opener(conn)
     while True:
+        # Keys destroyed by `callgate erase` since the last batch leave the cache now; an
+        # erasure during the fold is caught before writing (the epoch moved): fold again.
+        unseal.refresh()
+        epoch = unseal.store.epoch
         conn.execute("BEGIN")
         try:
             start = checkpoint(conn)
@@ -234,21 +255,15 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
                 return 0
             voice_ids = sorted({row[1] for row in new if row[1] is not None})
             broadcast_ids = sorted({row[2] for row in new if row[2] is not None})
-            pending = _Rows()
-            for voice_id in voice_ids:
-                events = load_call(conn, voice_id)
-                if events:
-                    pending.add_call(folds.fold_call(events))
-            for broadcast_id in broadcast_ids:
-                events = load_broadcast(conn, broadcast_id)
-                if events:
-                    pending.add_broadcast(folds.fold_broadcast(events))
+            pending = _fold(conn, voice_ids, broadcast_ids, unseal)
         finally:
             conn.execute("COMMIT")  # ends the read snapshot
 
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if checkpoint(conn) != start:  # another projector or a rebuild got there first
+            unseal.refresh()
+            if checkpoint(conn) != start or unseal.store.epoch != epoch:
+                # another projector or a rebuild got there first, or an erasure ran
                 conn.execute("ROLLBACK")
                 continue
             _delete(conn, voice_ids, broadcast_ids)
@@ -261,6 +276,39 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
                 conn.execute("ROLLBACK")
             raise
         return len(new)
+
+
+def _fold(
+    conn: sqlite3.Connection,
+    voice_ids: Iterable[str],
+    broadcast_ids: Iterable[str],
+    unseal: sealing.Opener,
+) -> _Rows:
+    """Fold these calls and broadcasts from all of their logged events."""
+    pending = _Rows()
+    for voice_id in voice_ids:
+        events = load_call(conn, voice_id, unseal)
+        if events:
+            pending.add_call(folds.fold_call(events))
+    for broadcast_id in broadcast_ids:
+        events = load_broadcast(conn, broadcast_id, unseal)
+        if events:
+            pending.add_broadcast(folds.fold_broadcast(events))
+    return pending
+
+
+def reproject(
+    conn: sqlite3.Connection, voice_ids: Iterable[str], broadcast_ids: Iterable[str] = ()
+) -> None:
+    """Re-fold these calls and broadcasts in place (after `callgate erase` destroyed their
+    keys, so their rows lose the personal values), leaving the checkpoint where it is."""
+    calls, broadcasts = sorted(set(voice_ids)), sorted(set(broadcast_ids))
+    unseal = opener(conn)
+    unseal.refresh()
+    with transaction(conn):
+        _delete(conn, calls, broadcasts)
+        _fold(conn, calls, broadcasts, unseal).flush(conn)
+        tables.refresh_summaries(conn, calls)
 
 
 def _delete(conn: sqlite3.Connection, voice_ids: list[str], broadcast_ids: list[str]) -> None:
@@ -337,7 +385,11 @@ def _calls_query(lo: str | None, hi: str | None) -> tuple[str, list[Any]]:
 
 
 def _grouped(
-    cur: sqlite3.Cursor, sql: str, params: list[Any], progress: Callable[[int], None]
+    cur: sqlite3.Cursor,
+    sql: str,
+    params: list[Any],
+    progress: Callable[[int], None],
+    unseal: sealing.Opener,
 ) -> Iterator[list[dict[str, Any]]]:
     """Stream `sql` (key, seq, payload ordered by key, time, seq) as one decoded event list
     per key, without holding the log in memory. (received_at is left out: only the
@@ -347,7 +399,7 @@ def _grouped(
     scan, but measured over a million events it beats a seq-order scan that groups calls
     in memory: one call's events at a time stay cache-hot, and rows are written in key
     order (inserting out of key order doubles the cost of the writes)."""
-    loads = orjson.loads
+    loads = unseal.event
     cur.execute(sql, params)
     current: Any = None
     group: list[dict[str, Any]] = []
@@ -454,11 +506,14 @@ def _fold_calls(
     progress: Callable[[int], None] = lambda done: None,
 ) -> None:
     """Fold every call with lo <= voice_id < hi, as of `head`, into the staging tables."""
+    unseal = opener(reader)
+    unseal.store.preload()  # every call is opened: one read of the key store, not one per call
     sql, params = _calls_query(lo, hi)
     pending = _Rows()
     fold_call = folds.fold_call
     add_call = pending.add_call
-    for groups, group in enumerate(_grouped(_cursor(reader), sql, [*params, head], progress), 1):
+    grouped = _grouped(_cursor(reader), sql, [*params, head], progress, unseal)
+    for groups, group in enumerate(grouped, 1):
         add_call(fold_call(group))
         if groups % _WRITE_CHUNK == 0:
             stager.write(pending)
@@ -468,9 +523,10 @@ def _fold_calls(
 def _fold_broadcasts(reader: sqlite3.Connection, stager: _Stager, head: int) -> None:
     """Fold every broadcast, as of `head`, into the staging tables (a few rows: one chunk)."""
     pending = _Rows()
+    unseal = opener(reader)
     rows = _cursor(reader).execute(_ALL_BROADCAST_EVENTS, (head,))
     for _, group in itertools.groupby(rows, key=operator.itemgetter(0)):
-        pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r) for r in group]))
+        pending.add_broadcast(folds.fold_broadcast([_broadcast_event(r, unseal) for r in group]))
     stager.write(pending)
 
 
@@ -533,14 +589,17 @@ class _Workers:
             self.close()
             raise
 
-    def start(self, path: str, head: int, ranges: list[tuple[str | None, str | None]]) -> None:
-        """Give each worker its voice_id range; workers left without one just exit."""
+    def start(
+        self, path: str, head: int, ranges: list[tuple[str | None, str | None]], keys: str
+    ) -> None:
+        """Give each worker its voice_id range (and the key store's file: the master key,
+        if any, comes with the environment); workers left without one just exit."""
         self.assigned = min(len(ranges), len(self.procs))
         for index, proc in enumerate(self.procs):
             assert proc.stdin is not None
             if index < self.assigned:
                 lo, hi = ranges[index]
-                job = {"db": path, "lo": lo, "hi": hi, "head": head}
+                job = {"db": path, "lo": lo, "hi": hi, "head": head, "keys": keys}
                 proc.stdin.write(json.dumps(job).encode() + b"\n")
             proc.stdin.close()
 
@@ -632,6 +691,8 @@ def _worker_main() -> int:
         job = json.loads(line)
         reader = connect(job["db"], synchronous="NORMAL")
         writer = connect(job["db"], synchronous="NORMAL")
+        config = dataclasses.replace(Config.from_env(job["db"]), keys_db=job["keys"])
+        keystore.for_database(reader, config)
         for name, value in _BULK_PRAGMAS.items():
             reader.execute(f"PRAGMA {name} = {value}")
         for name, value in _WRITE_PRAGMAS.items():
@@ -696,6 +757,9 @@ def rebuild(
     Returns the number of events folded. `progress(done, total)` follows the fold.
     """
     ensure_tables(conn)
+    unseal = opener(conn)
+    unseal.refresh()
+    epoch = unseal.store.epoch
     path = _db_file(conn)
     reader = connect(path, synchronous="NORMAL") if path else conn
     staged = reader is not conn
@@ -718,10 +782,13 @@ def rebuild(
         pool = stack.enter_context(_Workers(n_workers)) if n_workers > 1 else None
         stager = _Stager(conn, chunked=staged)
         stager.run(lambda: tables.create_staging(conn))
-        _fold_into_staging(reader, stager, path, head, pool, report)
+        _fold_into_staging(reader, stager, path, head, pool, report, unseal.store.path)
         report(n_events)
 
         def swap() -> None:
+            unseal.refresh()
+            if unseal.store.epoch != epoch:  # its rows may hold what was just erased
+                raise RuntimeError("an erasure ran during the rebuild: run the rebuild again")
             tables.swap_in_staging(conn)
             _set_checkpoint(conn, head)
 
@@ -785,15 +852,16 @@ def _fold_into_staging(
     head: int,
     pool: _Workers | None,
     report: Callable[[int], None],
+    keys: str,
 ) -> None:
     """Calls by the worker pool (each a range of voice_ids) or in this process; broadcasts
-    here, while the workers fold."""
+    here, while the workers fold. `keys`: the key store's file, for the workers."""
     if pool is None:
         _fold_calls(reader, stager, head, progress=report)
         _fold_broadcasts(reader, stager, head)
         return
     bounds = [None, *_split_points(reader, len(pool.procs)), None]
-    pool.start(path, head, list(itertools.pairwise(bounds)))
+    pool.start(path, head, list(itertools.pairwise(bounds)), keys)
     _fold_broadcasts(reader, stager, head)
     pool.wait(report)
     pool.close()

@@ -314,8 +314,9 @@ TIMELINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("state", "State within the class (play: playstate; speech: result)."),
     ("play_id", "Play id, when sent."),
     ("prompt_ref", "prompt_ref, when sent."),
-    ("digits", "Digits, when sent."),
-    ("text", "Speech text, when sent."),
+    ("digits", "Always NULL: the log holds digits sealed (README \"Privacy and erasure\"); "
+     "the dtmf and plays tables have them."),
+    ("text", "Always NULL: the log holds speech text sealed; the speech table has it."),
     ("reason", "disconnect_reason or reason, when sent."),
     ("arrived_late", "1 when an event with a later event time arrived first."),
 )
@@ -334,8 +335,7 @@ SELECT e.seq AS seq, e.voice_id AS voice_id, e.broadcast_id AS broadcast_id,
        COALESCE(m.class, e.class) AS class, e.state AS state,
        json_extract(e.payload, '$.play_id') AS play_id,
        json_extract(e.payload, '$.prompt_ref') AS prompt_ref,
-       json_extract(e.payload, '$.digits') AS digits,
-       json_extract(e.payload, '$.text') AS text,
+       NULL AS digits, NULL AS text,
        COALESCE(NULLIF(json_extract(e.payload, '$.disconnect_reason'), ''),
                 json_extract(e.payload, '$.reason')) AS reason,
        COALESCE(m.arrived_late, 0) AS arrived_late

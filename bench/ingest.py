@@ -14,8 +14,16 @@ and prints requests/s, p50/p99 latency and non-2xx per leg, the medians, and B/A
 prints p50/p99 there. At the end it counts B's events in the database against the 2xx
 answers B gave. Figures only: nothing here asserts a timing.
 
+Then the cost of sealing (README "Privacy and erasure"), in this process, alternating legs
+again: the same normalised events appended in group-commit-sized batches to fresh logs,
+  P. as rows were built before sealing (SHA-256 dedup hash, payload and raw in the clear),
+  S. through `eventlog.append_batch` (keyed hash, per-call data keys, AES-GCM sealing),
+and prints events/s per leg, S/P, and the sealing CPU per event without any I/O.
+`--sealing-only` runs just that part.
+
     .venv/bin/python bench/ingest.py [--rounds 3] [--duration 10] [--connections 32]
                                      [--latency-at 0.7] [--client auto|wrk|python]
+                                     [--sealing-only] [--sealing-events 20000]
 """
 
 from __future__ import annotations
@@ -49,8 +57,11 @@ sys.path.insert(0, str(ROOT))
 from loadgen import LoadResult, run_python, run_wrk, wrk_path  # noqa: E402
 from minimal_app import options_for  # noqa: E402
 
+from gateway.db import connect  # noqa: E402
+from gateway.log import eventlog, keystore  # noqa: E402
 from gateway.web.server import gunicorn_settings  # noqa: E402
 from gateway.wire.crypto import encrypt_event  # noqa: E402
+from gateway.wire.schemas import normalise  # noqa: E402
 from tests.corpus import APP_ID  # noqa: E402
 
 WEBHOOK_PATH = "/webhooks/enablex"
@@ -287,7 +298,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tmp-dir", default=None,
                    help="where B's database goes; must be a real disk for fsync to count")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (DB, logs)")
+    p.add_argument("--sealing-only", action="store_true", help="only the sealing-cost part")
+    p.add_argument("--sealing-events", type=int, default=20000,
+                   help="events per sealing leg (default 20000)")
+    p.add_argument("--sealing-batch", type=int, default=32,
+                   help="events per transaction in the sealing legs (default 32)")
     return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- sealing
+
+
+def _plain_rows(items: list[eventlog.NewEvent]) -> list[eventlog._Prepared]:
+    """Rows as the log built them before sealing: the baseline, never used by callgate."""
+    return [
+        eventlog._Prepared(
+            item, eventlog.content_hash(item.raw_obj), eventlog.canonical_json(item.event),
+            item.raw_text,
+        )
+        for item in items
+    ]
+
+
+def sealing_cost(args: argparse.Namespace, workdir: Path) -> None:
+    """P (plain rows) against S (sealed rows), alternating, fresh logs each leg."""
+    bodies = EventBodies(APP_ID)
+    received = "2024-06-01T00:00:00.000Z"
+    items = []
+    for index in range(args.sealing_events):
+        raw = bodies.event(index)
+        text = json.dumps(raw, separators=(",", ":"))
+        items.append(eventlog.NewEvent(normalise(raw, received), text, raw, "app-bench", received))
+    batches = [items[i : i + args.sealing_batch] for i in range(0, len(items), args.sealing_batch)]
+
+    def leg(sealed: bool, number: int) -> float:
+        db = str(workdir / f"sealing-{number}.db")
+        conn = connect(db)  # synchronous=FULL, as the gateway commits
+        eventlog.ensure_schema(conn)
+        store = keystore.for_database(conn)  # a fresh key store beside it
+        started = time.perf_counter()
+        for batch in batches:
+            if sealed:
+                eventlog.append_batch(conn, batch, store)
+            else:
+                eventlog._insert_prepared(conn, _plain_rows(batch))
+        elapsed = time.perf_counter() - started
+        conn.close()
+        return len(items) / elapsed
+
+    def cpu(sealed: bool) -> float:
+        """µs per event to build the rows, no I/O (keys already made and cached)."""
+        conn = connect(":memory:")
+        eventlog.ensure_schema(conn)
+        store = keystore.for_database(conn)
+        eventlog._prepare(items, store)  # makes the keys
+        started = time.perf_counter()
+        for batch in batches:
+            eventlog._prepare(batch, store) if sealed else _plain_rows(batch)
+        return (time.perf_counter() - started) / len(items) * 1e6
+
+    print(f"sealing cost: {len(items)} events per leg ({len(items) // 5} calls), "
+          f"batches of {args.sealing_batch}, synchronous=FULL, {args.rounds} rounds")
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for number in range(args.rounds):
+        order = (False, True) if number % 2 == 0 else (True, False)
+        for sealed in order:
+            rates[sealed].append(leg(sealed, len(rates[False]) + len(rates[True])))
+        p, s = rates[False][-1], rates[True][-1]
+        print(f"  round {number + 1}: P plain {p:8.0f} events/s  S sealed {s:8.0f} events/s  "
+              f"S/P {s / p:.3f}")
+    p_med, s_med = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"  median: P {p_med:.0f} events/s, S {s_med:.0f} events/s, S/P {s_med / p_med:.3f}")
+    cpu_p = statistics.median(cpu(False) for _ in range(3))
+    cpu_s = statistics.median(cpu(True) for _ in range(3))
+    print(f"  rows built without I/O: P {cpu_p:.1f} us/event, S {cpu_s:.1f} us/event "
+          f"(+{cpu_s - cpu_p:.1f} us/event for sealing)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     if client == "wrk" and not wrk_path():
         raise SystemExit("wrk is not installed (apt-get install wrk), use --client python")
     client_threads = args.client_threads or max(1, (os.cpu_count() or 2) // 2)
+    if args.sealing_only:
+        workdir = Path(tempfile.mkdtemp(prefix="callgate-bench-", dir=args.tmp_dir))
+        print(f"machine: {machine()}")
+        try:
+            sealing_cost(args, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
 
     def leg(url: str, bodies: Path, duration: float) -> LoadResult:
         if client == "wrk":
@@ -432,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         f"events - 2xx = {slack} (allowed 0..{bound}: requests in flight when the client "
         f"stopped) -> {verdict}"
     )
+    sealing_cost(args, workdir)
     print(f"machine at the end: {load_average()}")
     if args.keep:
         print(f"kept {workdir}")

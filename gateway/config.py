@@ -10,6 +10,7 @@ from typing import Any
 
 DEFAULT_DB = "data/callgate.db"
 DATASETTE_TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
+MASTER_KEY_ENV = "CALLGATE_MASTER_KEY"
 DEFAULT_MAX_BODY = 1024 * 1024  # EnableX events are < 1 kB; refuse megabyte bodies unread.
 
 
@@ -63,8 +64,11 @@ class Config:
     datasette_token: str | None = field(default=None, repr=False)
     # WAL checkpoints by the gateway: passive (default), truncate, or off (see writer.py).
     checkpoint: str = "passive"
-    # The key store (issue 16b); backed up and replicated beside the log when set.
+    # Sealing and erasure (gateway/log/keystore.py): where the data keys live, the master
+    # key that wraps them, and how long a call's personal data is kept.
     keys_db: str | None = None
+    master_key: str | None = field(default=None, repr=False)
+    retention_days: float | None = None
 
     @classmethod
     def from_env(
@@ -87,6 +91,8 @@ class Config:
             datasette_token=env.get(DATASETTE_TOKEN_ENV) or None,
             checkpoint=_choice(env, "CALLGATE_CHECKPOINT", CHECKPOINT_MODES),
             keys_db=env.get("CALLGATE_KEYS_DB") or None,
+            master_key=env.get(MASTER_KEY_ENV) or None,
+            retention_days=_number(env.get("CALLGATE_RETENTION_DAYS"), float),
         )
 
     def ensure_db_dir(self) -> None:

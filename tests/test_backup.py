@@ -21,7 +21,7 @@ import pytest
 
 from gateway.config import Config
 from gateway.db import connect
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore
 from gateway.log.backup import companion_file
 from gateway.log.writer import BatchWriter
 from tests.conftest import CALLGATE, RunningServer, server_env
@@ -49,7 +49,19 @@ def make_log(path: str, count: int, start: int = 0) -> None:
     conn = connect(path)
     eventlog.ensure_schema(conn)
     eventlog.append_batch(conn, [new_event(n) for n in range(start, start + count)])
+    keystore.forget(conn)  # close the key store sealing opened: restore refuses open files
     conn.close()
+
+
+def dedup_key_of(db: str) -> bytes:
+    """The keyed-hash secret of this database's key store: what its event ids are made with."""
+    conn = connect(db)
+    try:
+        eventlog.ensure_schema(conn)
+        return keystore.for_database(conn).dedup_key
+    finally:
+        keystore.forget(conn)  # restore refuses files another process holds open
+        conn.close()
 
 
 def chain(path: str) -> list[tuple[int, str]]:
@@ -81,9 +93,10 @@ class Poster:
 
     CHUNK = 200
 
-    def __init__(self, url: str, count: int | None = None, clients: int = 4,
+    def __init__(self, url: str, db: str, count: int | None = None, clients: int = 4,
                  seed: int = 17) -> None:
         self.url = url
+        self.dedup_key = dedup_key_of(db)
         self.count = count
         self.seed = seed
         self.events: list[tuple[str, bytes]] = []
@@ -103,7 +116,9 @@ class Poster:
                         return
                     if self._next >= len(self.events):  # seeds keep every chunk's ids apart
                         chunk = len(self.events) // self.CHUNK
-                        self.events += make_events(self.CHUNK, self.seed * 1000 + chunk)
+                        self.events += make_events(
+                            self.CHUNK, self.seed * 1000 + chunk, self.dedup_key
+                        )
                     event_id, body = self.events[self._next]
                     self._next += 1
                 started = time.perf_counter()
@@ -149,7 +164,7 @@ def test_backup_while_serving_is_a_verified_prefix_of_the_live_log(tmp_path: Pat
     dest = str(tmp_path / "copies" / "backup.db")
     server = RunningServer(db, server_env()).start()
     try:
-        with Poster(server.url + "/webhooks/enablex") as poster:
+        with Poster(server.url + "/webhooks/enablex", db) as poster:
             poster.wait_acked(200)
             done = run("backup", dest, "--db", db)
             during = len(poster.acked)
@@ -197,15 +212,6 @@ def test_backup_refuses_an_existing_dest_and_bad_sources(tmp_path: Path) -> None
 # --- restore ----------------------------------------------------------------------------
 
 
-def make_key_store(path: str) -> None:
-    """Stands in for issue 16b's key store: any SQLite file at CALLGATE_KEYS_DB."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE data_keys (voice_id TEXT, key BLOB)")
-        conn.execute("INSERT INTO data_keys VALUES ('call-1', x'00ff')")
-    conn.close()
-
-
 def count_rows(path: str | Path, table: str) -> int:
     conn = sqlite3.connect(path)
     try:
@@ -216,26 +222,27 @@ def count_rows(path: str | Path, table: str) -> int:
 
 def test_restore_puts_a_backup_its_secrets_and_key_store_in_place(tmp_path: Path) -> None:
     db = str(tmp_path / "live" / "callgate.db")
-    make_log(db, 30)
-    env = server_env(CALLGATE_KEYS_DB=str(tmp_path / "live-keys" / "keys.db"))
-    make_key_store(env["CALLGATE_KEYS_DB"])
+    make_log(db, 30)  # sealed with the key store beside it (callgate-keys.db)
+    env = server_env()
     subscribed = run("subscribe", "http://127.0.0.1:9/hook", "--db", db, env=env)
     assert subscribed.returncode == 0, subscribed.stderr
     dest = str(tmp_path / "backup.db")
     made = run("backup", dest, "--db", db, env=env)
     assert made.returncode == 0 and "copied: log, secrets, keys" in made.stdout, made.stderr
     target = str(tmp_path / "new" / "callgate.db")
-    env["CALLGATE_KEYS_DB"] = str(tmp_path / "new-keys" / "keys.db")
     done = run("restore", dest, "--db", target, env=env)
     assert done.returncode == 0 and "restored: log, secrets, keys" in done.stdout, done.stderr
     assert chain(target) == chain(db) and checks(target).ok
     restored_secrets = tmp_path / "new" / "callgate-secrets.db"
+    restored_keys = tmp_path / "new" / "callgate-keys.db"
     copies = (dest, companion_file(dest, "secrets"), companion_file(dest, "keys"))
-    for path in (*copies, target, restored_secrets, env["CALLGATE_KEYS_DB"]):
+    for path in (*copies, target, restored_secrets, restored_keys):
         assert Path(path).stat().st_mode & 0o777 == 0o600, path  # personal data, secrets
     assert count_rows(restored_secrets, "secrets") == 1
-    assert count_rows(env["CALLGATE_KEYS_DB"], "data_keys") == 1
-    # The restored log takes new events through the ordinary write path.
+    assert count_rows(str(restored_keys), "data_keys") == count_rows(
+        str(tmp_path / "live" / "callgate-keys.db"), "data_keys"
+    ) > 0
+    # The restored log takes new events through the ordinary write path, with its keys.
     make_log(target, 3, start=500)
     assert checks(target).ok and checks(target).head_seq == 33
 
@@ -257,7 +264,7 @@ def test_restore_refuses_a_non_empty_database_and_leaves_it_unchanged(tmp_path: 
     # Never underneath a running gateway, even with --force.
     server = RunningServer(target, server_env()).start()
     try:
-        event_id, body = make_events(1, seed=3)[0]
+        event_id, body = make_events(1, 3, dedup_key_of(target))[0]
         assert httpx.post(server.url + "/webhooks/enablex", content=body,
                           headers=HEADERS).status_code == 200
         before = chain(target)
@@ -290,7 +297,7 @@ def tampered_copy(tmp_path: Path, how: str) -> str:
 
 
 def test_restore_refuses_a_tampered_or_corrupted_backup_naming_the_seq(tmp_path: Path) -> None:
-    for how, reason in (("sql", "row hash mismatch"), ("bytes", "raw does not match hash")):
+    for how, reason in (("sql", "row hash mismatch"), ("bytes", "row hash mismatch")):
         backup = tampered_copy(tmp_path, how)
         target = str(tmp_path / f"{how}-restored.db")
         assert_refused(run("restore", backup, "--db", target), "seq 23", reason)
@@ -348,7 +355,7 @@ def test_replica_survives_sigkill_with_every_acknowledged_event(tmp_path: Path) 
         [CALLGATE, "replicate", f"file://{replica}", "--db", db, "--sync-interval", "0.2"]
     )
     try:
-        with Poster(server.url + "/webhooks/enablex", 600) as poster:
+        with Poster(server.url + "/webhooks/enablex", db, 600) as poster:
             poster.wait_acked(600, timeout=120)
         assert not poster.failures, poster.failures[:5]
         time.sleep(1.5)  # past the sync interval (and Litestream's 1 s WAL monitor)
@@ -387,7 +394,7 @@ def test_up_replicate_runs_litestream_and_stops_it(tmp_path: Path) -> None:
     config = str(Path(db).resolve()) + "-litestream.yml"
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
-        with Poster(f"http://127.0.0.1:{port}/webhooks/enablex", 30) as poster:
+        with Poster(f"http://127.0.0.1:{port}/webhooks/enablex", db, 30) as poster:
             poster.wait_acked(30)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not list((replica / "log").rglob("*.ltx")):

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from gateway.db import connect
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore
 from gateway.wire.crypto import encrypt_event
 from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.corpus import APP_ID
@@ -66,7 +66,7 @@ class Projector(Subprocess):
         self.launch([CALLGATE, "project", "--follow", "--interval", "0.05", "--db", self.db])
 
 
-def make_events(count: int, seed: int) -> list[tuple[str, bytes]]:
+def make_events(count: int, seed: int, dedup_key: bytes) -> list[tuple[str, bytes]]:
     """`count` unique encrypted events (expected event_id, body), whole calls where possible."""
     rng = random.Random(seed)
     out = []
@@ -82,7 +82,7 @@ def make_events(count: int, seed: int) -> list[tuple[str, bytes]]:
             **CALL_STATES[step],
         }
         text = json.dumps(event)
-        event_id = "ev_" + eventlog.content_hash(json.loads(text))[:24]
+        event_id = "ev_" + eventlog.content_hash(json.loads(text), dedup_key)[:24]
         body = json.dumps({"encrypted_data": encrypt_event(text, "aes-256-cbc", "hex", "utf8",
                                                            APP_ID)})
         out.append((event_id, body.encode()))
@@ -148,7 +148,11 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
                    seed: int) -> None:
     db = str(tmp_path / "callgate.db")
     rng = random.Random(seed)
-    events = make_events(n_events, seed)
+    conn = connect(db)  # the key store the server will use, made first: its dedup key
+    eventlog.ensure_schema(conn)
+    dedup_key = keystore.for_database(conn).dedup_key
+    conn.close()
+    events = make_events(n_events, seed, dedup_key)
     server = RunningServer(db, server_env(), log_path=tmp_path / "server.log")
     projector = Projector(db)
     server.start()

@@ -23,6 +23,7 @@ from tests.test_datasette_helpers import (
 OPERATOR_ONLY_TABLES = (
     "events",
     "rejections",
+    "key_store",
     "subscriptions",
     "deliveries",
     "delivery_attempts",

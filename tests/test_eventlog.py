@@ -60,7 +60,13 @@ def _drop_triggers(conn: sqlite3.Connection) -> None:
     ("tamper", "bad_seq"),
     [
         ("UPDATE events SET state = 'connected' WHERE seq = 7", 7),
-        ("UPDATE events SET raw = replace(raw, 'hangup', 'hungup') WHERE seq = 8", 8),
+        # raw is sealed: flipping one character of its ciphertext text must be caught too.
+        (
+            "UPDATE events SET raw = substr(raw, 1, length(raw) - 3) || "
+            "CASE substr(raw, -3, 1) WHEN 'A' THEN 'B' ELSE 'A' END || substr(raw, -2) "
+            "WHERE seq = 8",
+            8,
+        ),
         ("DELETE FROM events WHERE seq = 5", 6),
         ("DELETE FROM events WHERE seq = (SELECT max(seq) FROM events)", None),
         # Reordering: swap the content of two rows, keeping their hashes.
@@ -171,7 +177,7 @@ def test_a_version_1_log_loses_the_event_id_index_and_keeps_its_events(db_path) 
     eventlog.ensure_schema(conn)
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
     assert "idx_events_event_id" not in indexes and "idx_events_content_hash" in indexes
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == eventlog.SCHEMA_VERSION
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == count
     assert eventlog.verify(conn).ok
 

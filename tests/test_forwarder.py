@@ -22,7 +22,7 @@ from gateway.db import connect, log_head
 from gateway.forward import delivery, envelope, outbox
 from gateway.forward.redeliver import redeliver
 from gateway.forward.subscriptions import event_type, generate_secret, matches, normalise_patterns
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore, sealing
 from tests.helpers_analytics import append_all
 from tests.servers import Receiver
 
@@ -217,10 +217,12 @@ def test_corpus_delivered_once_per_webhook_id(
     assert all(r["verified"] == [False, True] for r in by_path["/calls"].values())
 
     by_event = {e["event_id"]: e for e in events}
+    conn = connect(db)
+    unseal = sealing.Opener(keystore.for_database(conn))  # what the forwarder opened
     for rec in records:
         env = rec["envelope"]
         event = by_event[env["callgateeventid"]]
-        payload = json.loads(event["payload"])
+        payload = unseal.event(event["payload"])
         assert rec["content_type"].startswith("application/cloudevents+json")
         assert env["specversion"] == "1.0"
         assert env["id"] == rec["webhook_id"]
@@ -231,6 +233,7 @@ def test_corpus_delivered_once_per_webhook_id(
         assert env["datacontenttype"] == "application/json"
         assert env["data"] == payload
         assert "app_id" not in env["data"] and "app-test" not in json.dumps(env)
+    conn.close()
     assert_per_call_order(records)
 
     deliveries = query(db, "SELECT status, attempts FROM deliveries")

@@ -8,6 +8,8 @@ import sqlite3
 import pytest
 
 from gateway.config import Config
+from gateway.db import connect
+from gateway.log import keystore, sealing
 from gateway.wire import crypto
 from tests.corpus import APP_ID, cases, flows
 
@@ -63,7 +65,10 @@ def test_edge_requests_are_accepted(case, client, db_path) -> None:
     request = case["request"]
     answer = client.post(URL, data=request.body, headers=request.headers)
     assert answer.status_code == 200, answer.get_json()
-    event = json.loads(rows(db_path, "SELECT raw FROM events")[0][0])
+    conn = connect(db_path)
+    event = json.loads(sealing.Opener(keystore.for_database(conn)).raw(
+        rows(db_path, "SELECT raw FROM events")[0][0]))
+    conn.close()
     assert event == case["expect"]["event"]
 
 

@@ -274,9 +274,15 @@ def test_run_demo_plays_labelled_calls(tmp_path: Path) -> None:
         assert report.acknowledged == report.sent > 30
         import sqlite3
 
+        from gateway.db import connect
+        from gateway.log import keystore, sealing
+
+        log = connect(db)
+        unseal = sealing.Opener(keystore.for_database(log))
+        owners = {json.loads(unseal.raw(r[0]) or "{}").get("owner_ref")
+                  for r in log.execute("SELECT raw FROM events WHERE class = 'call'")}
+        log.close()
         with sqlite3.connect(db) as conn:
-            owners = {r[0] for r in conn.execute("SELECT json_extract(raw, '$.owner_ref') "
-                                                 "FROM events WHERE class = 'call'")}
             times = [r[0] for r in conn.execute("SELECT occurred_at FROM events")]
         assert "callgate-demo" in owners
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")

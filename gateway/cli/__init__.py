@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli import backup, datasette, forward, log, project, serve, simulate, up
+from gateway.cli import backup, datasette, erase, forward, log, project, serve, simulate, up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,5 +25,6 @@ for _command in (
     datasette.datasette,
     *project.COMMANDS,
     *backup.COMMANDS,
+    erase.erase,
 ):
     main.add_command(_command)

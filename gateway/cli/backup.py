@@ -23,15 +23,16 @@ def _config(db: str) -> Config:
 
 
 def companions(db: str) -> dict[str, str]:
-    """The other files an installation needs back after a disaster, by replica name:
-    the forwarding secrets always, the key store when one is configured."""
+    """The other files an installation needs back after a disaster, by replica name: the
+    forwarding secrets and the key store (without it every sealed field is unreadable)."""
     from gateway.forward.subscriptions import secrets_path
+    from gateway.log.keystore import keys_path
 
     config = _config(db)
-    files = {"secrets": secrets_path(db, config.secrets_db)}
-    if config.keys_db:
-        files["keys"] = config.keys_db
-    return files
+    return {
+        "secrets": secrets_path(db, config.secrets_db),
+        "keys": keys_path(db, config.keys_db),
+    }
 
 
 def _fail(exc: Exception) -> None:
@@ -46,7 +47,7 @@ def _fail(exc: Exception) -> None:
 def backup_command(db: str, dest: str, force: bool) -> None:
     """Copy the live log to DEST while the gateway keeps ingesting; verified before success.
 
-    The forwarding secrets (and the key store, if any) are copied beside it as
+    The forwarding secrets and the key store are copied beside it as
     DEST-stem.secrets.db (.keys.db).
     """
     from gateway.log.backup import backup

@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import click
 
-from gateway.cli.options import db_option
+from gateway.cli.options import check_keys, db_option
 from gateway.config import Config
 from gateway.forward import delivery, outbox
 from gateway.forward.redeliver import redeliver
@@ -181,6 +181,7 @@ def forward_command(
 ) -> None:
     """Deliver logged events to the subscriptions (signed, retried, in per-call order)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    check_keys(db)
     options = delivery.ForwardOptions.from_config(
         Config.from_env(db_path=db),
         schedule=retry_schedule, workers=workers, timeout=timeout, poll_interval=poll

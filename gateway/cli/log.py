@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option
+from gateway.cli.options import check_keys, db_option
 from gateway.db import connect, log_head
 
 
@@ -39,6 +39,7 @@ def reprocess(db: str) -> None:
     from gateway.config import Config
     from gateway.log.intake import reprocess as run
 
+    check_keys(db)
     summary = run(_open(db), Config.from_env(db_path=db))
     click.echo(
         f"tried {summary.tried}: {summary.events} new events, {summary.duplicates} duplicates, "
@@ -58,6 +59,7 @@ def ingest(db: str, file) -> None:  # type: ignore[no-untyped-def]
     from gateway.wire.ingest import Headers
 
     config = Config.from_env(db_path=db)
+    check_keys(db)
     conn = _open(db)
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "unreadable": 0}
     for number, line in enumerate(file, start=1):

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from gateway.cli.options import db_option
+from gateway.cli.options import check_keys, db_option
 from gateway.db import connect
 
 
@@ -23,6 +23,7 @@ def project(db: str, follow: bool, interval: float, batch: int) -> None:
     """Bring the projections (calls, plays, ...) up to date with the event log."""
     from analytics import projector
 
+    check_keys(db)
     if follow:
         click.echo(f"projecting {db} (following; Ctrl-C stops)", err=True)
         total = projector.follow(db, interval=interval, batch=batch)
@@ -47,6 +48,7 @@ def rebuild(db: str) -> None:
     """Rebuild every projection from the whole log; swapped in atomically (one transaction)."""
     from analytics import projector
 
+    check_keys(db)
     conn = connect(db, synchronous="NORMAL")
     try:
         started = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import db_option
+from gateway.cli.options import check_keys, db_option
 from gateway.web.server import ServeOptions
 from gateway.web.server import serve as run_server
 
@@ -59,6 +59,7 @@ def serve(
     cpu_affinity: bool,
 ) -> None:
     """Serve the webhook gateway under gunicorn (POST /webhooks/enablex)."""
+    check_keys(db)
     run_server(
         ServeOptions(
             host=host,

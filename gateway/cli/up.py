@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from gateway.cli.log import _open
-from gateway.cli.options import db_option
+from gateway.cli.options import check_keys, db_option
 from gateway.db import log_head
 
 
@@ -43,6 +43,7 @@ def up(
 
     from gateway.cli.supervisor import Part, Supervisor, callgate_executable
 
+    check_keys(db)
     conn = _open(db)
     empty = log_head(conn)[0] == 0
     conn.close()

@@ -17,7 +17,6 @@ lease simply expires (at-least-once, the receiver dedupes on `webhook-id`).
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import random
 import sqlite3
@@ -47,6 +46,7 @@ from gateway.forward.subscriptions import (
     disable_subscription,
     secrets_path,
 )
+from gateway.log import keystore, sealing
 from gateway.wire.schemas import format_utc
 
 log = logging.getLogger("callgate.forwarder")
@@ -257,6 +257,9 @@ class Forwarder:
         self.options = options or ForwardOptions.from_config(Config.from_env())
         self.db_path = db_path
         self.conn = open_db(db_path)
+        # Personal values are sealed in the log; opened here, just before signing, and
+        # null once `callgate erase` destroyed the call's key (redeliveries included).
+        self.unseal = sealing.Opener(keystore.for_database(self.conn))
         self.store = SecretStore(secrets_path(db_path, self.options.secrets_db))
         self._own_client = client is None
         self.client = client or make_client(self.options)
@@ -300,10 +303,11 @@ class Forwarder:
                 [(until, row["id"]) for row in rows],
             )
         claims = []
+        self.unseal.refresh()
         for row in rows:
             doc = envelope(
                 row["id"],
-                json.loads(row["payload"]),
+                self.unseal.event(row["payload"]),
                 row["seq"],
                 row["event_id"],
                 self.options.source,

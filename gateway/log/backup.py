@@ -244,16 +244,10 @@ class Source:
 def restore(sources: list[Source], force: bool = False) -> Checked:
     """Fetch every copy beside its target, check them all, then rename each into place.
 
-    The log's source comes first; a companion whose source has no copy is skipped. A
-    non-empty target is refused unless `force`, and then left exactly as it was.
+    The log's source comes first; a companion whose source has no copy is skipped. Every
+    copy is checked before any target is looked at; a non-empty target is then refused
+    unless `force`, and left exactly as it was.
     """
-    if not force:
-        for source in sources:
-            if has_content(source.target):
-                raise BackupError(
-                    f"{source.target} is not empty; pass --force to replace it "
-                    "(take a `callgate backup` of it first)"
-                )
     with contextlib.ExitStack() as stack:
         ready: list[tuple[Source, str]] = []
         checked: Checked | None = None
@@ -270,6 +264,13 @@ def restore(sources: list[Source], force: bool = False) -> Checked:
                 check_plain(temp, label=f"backup of the {source.name} file")
             ready.append((source, temp))
         assert checked is not None
+        if not force:  # only once the copies are known good: a bad backup is named first
+            for source, _temp in ready:
+                if has_content(source.target):
+                    raise BackupError(
+                        f"{source.target} is not empty; pass --force to replace it "
+                        "(take a `callgate backup` of it first)"
+                    )
         for source, _temp in ready:
             _retire(source.target)
         for source, temp in ready:

@@ -5,11 +5,19 @@ it. An event is acknowledged only after the transaction holding it committed
 (WAL + synchronous=FULL by default), rows can never be changed (triggers),
 and each row's hash covers the previous row's hash, so `verify` finds any
 edit, deletion or reordering made behind the triggers' back.
+
+Every event is sealed on its way in (`_prepare`, the one place a NewEvent
+becomes a row, whoever appends it: HTTP intake, reprocess, an archiver): its
+personal values and raw text are encrypted with its call's data key
+(gateway/log/sealing.py), and its dedup hash is keyed (HMAC), so the log holds
+no personal data in the clear and no unkeyed hash of it. The chain covers the
+sealed form: erasing a call (destroying its key) leaves `verify` passing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import sqlite3
@@ -21,8 +29,10 @@ import orjson
 import sqlite_utils
 
 from gateway.db import GENESIS_HASH, log_head, transaction, utc_now
+from gateway.log import keystore, sealing
+from gateway.log.keystore import KeyStore
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BODY_CAP = 64 * 1024
 HASHED_COLUMNS = (
     "seq",
@@ -59,8 +69,13 @@ def canonical_json(value: Any) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def content_hash(raw_obj: Any) -> str:
-    return hashlib.sha256(canonical_json(raw_obj).encode()).hexdigest()
+def content_hash(raw_obj: Any, key: bytes | None = None) -> str:
+    """The dedup hash of a raw event: HMAC-SHA256 under the key store's dedup key (what
+    the log stores since schema 3), or plain SHA-256 without a key (older rows)."""
+    text = canonical_json(raw_obj).encode()
+    if key is None:
+        return hashlib.sha256(text).hexdigest()
+    return hmac.digest(key, text, "sha256").hex()
 
 
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
@@ -147,7 +162,17 @@ def _migrate_2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS idx_events_event_id")
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
+def _migrate_3(conn: sqlite3.Connection) -> None:
+    """Sealing: `key_store` names the key store this log's events are sealed with, so a
+    missing or foreign key store is refused at start-up (keystore.open_store). Rows
+    logged before stay as they were (plaintext, unkeyed hash): erasure cannot reach
+    them, the README says so."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS key_store (store_id TEXT PRIMARY KEY, bound_at TEXT NOT NULL)"
+    )
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -190,15 +215,34 @@ _INSERT_SQL = (
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What can be computed before the write lock is taken: hashes and the payload text."""
+    """What can be computed before the write lock is taken: hashes, sealed payload and raw."""
 
     item: NewEvent
     digest: str
     payload: str
+    raw: str
 
 
-def _prepare(item: NewEvent) -> _Prepared:
-    return _Prepared(item, content_hash(item.raw_obj), canonical_json(item.event))
+def _prepare(items: Sequence[NewEvent], store: KeyStore) -> list[_Prepared]:
+    """Seal a batch: the one function through which every event reaches the log.
+
+    Keys of calls not seen before (and keyed tags of their numbers) are written to the
+    key store in one transaction, durable before the events' own commit; a batch of
+    known calls touches the key store not at all (cached keys)."""
+    store.refresh()
+    digests = [content_hash(item.raw_obj, store.dedup_key) for item in items]
+    units: dict[str, set[str]] = {}
+    unit_of: list[str] = []
+    for item, digest in zip(items, digests, strict=True):
+        unit = sealing.unit_of(item.event) or "event:" + digest[:24]
+        unit_of.append(unit)
+        units.setdefault(unit, set()).update(sealing.numbers_in(item.event))
+    ciphers = store.ensure(units, utc_now())
+    prepared = []
+    for item, digest, unit in zip(items, digests, unit_of, strict=True):
+        sealed = sealing.seal_event(item.event, item.raw_text, unit, ciphers[unit])
+        prepared.append(_Prepared(item, digest, canonical_json(sealed.payload), sealed.raw))
+    return prepared
 
 
 def _logged(conn: sqlite3.Connection, digests: list[str]) -> dict[str, AppendResult]:
@@ -215,15 +259,25 @@ def _logged(conn: sqlite3.Connection, digests: list[str]) -> dict[str, AppendRes
     return found
 
 
-def append_batch(conn: sqlite3.Connection, items: Sequence[NewEvent]) -> list[AppendResult]:
+def append_batch(
+    conn: sqlite3.Connection, items: Sequence[NewEvent], store: KeyStore | None = None
+) -> list[AppendResult]:
     """Append events in one transaction (one fsync); duplicates return the original seq.
 
-    Hashing and JSON happen before BEGIN, and the transaction makes a fixed number
-    of SQLite calls whatever the batch size: each call releases the GIL, and a
+    Sealing, hashing and JSON happen before BEGIN, and the transaction makes a fixed
+    number of SQLite calls whatever the batch size: each call releases the GIL, and a
     writer thread that must win it back once per row starves behind request threads.
     Returns only after COMMIT: the caller may acknowledge every result then.
+    `store` defaults to the key store of conn's database (keystore.for_database).
     """
-    prepared = [_prepare(item) for item in items]
+    if not items:
+        return []
+    store = store if store is not None else keystore.for_database(conn)
+    return _insert_prepared(conn, _prepare(items, store))
+
+
+def _insert_prepared(conn: sqlite3.Connection, prepared: Sequence[_Prepared]) -> list[AppendResult]:
+    """The write transaction of `append_batch`, for rows `_prepare` sealed."""
     with transaction(conn):
         seq, prev = log_head(conn)
         seen = _logged(conn, [p.digest for p in prepared])
@@ -259,7 +313,7 @@ def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
         "occurred_at": event["occurred_at"],
         "received_at": item.received_at,
         "payload": prepared.payload,
-        "raw": item.raw_text,
+        "raw": prepared.raw,
         "content_hash": prepared.digest,
     }
     row["prev_hash"] = prev_hash
@@ -267,8 +321,10 @@ def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
     return row
 
 
-def append(conn: sqlite3.Connection, item: NewEvent) -> AppendResult:
-    return append_batch(conn, [item])[0]
+def append(
+    conn: sqlite3.Connection, item: NewEvent, store: KeyStore | None = None
+) -> AppendResult:
+    return append_batch(conn, [item], store)[0]
 
 
 _EVENT_ID = re.compile(r"ev_[0-9a-f]{24}")
@@ -317,8 +373,15 @@ def record_rejection(
     path: str = "",
     remote_addr: str | None = None,
     received_at: str | None = None,
+    store: KeyStore | None = None,
 ) -> int:
-    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed."""
+    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed.
+
+    The body is sealed under a key of its own (it may hold an event's personal data,
+    encrypted only with the app id), so `callgate erase` can shred it too."""
+    store = store if store is not None else keystore.for_database(conn)
+    received = received_at or utc_now()
+    _, sealed_body = sealing.seal_body(store, body[:BODY_CAP], received)
     kept = {}
     for name, value in headers:
         lower = name.lower()
@@ -328,14 +391,14 @@ def record_rejection(
         "INSERT INTO rejections (received_at, error, detail, http_status, method, path, headers, "
         "body, body_size, body_truncated, remote_addr) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         (
-            received_at or utc_now(),
+            received,
             error,
             detail,
             http_status,
             method,
             path,
             json.dumps(kept, sort_keys=True),
-            body[:BODY_CAP],
+            sealed_body,
             len(body),
             int(len(body) > BODY_CAP),
             remote_addr,
@@ -388,7 +451,10 @@ def verify(conn: sqlite3.Connection) -> VerifyResult:
             return VerifyResult(False, checked, seq, prev_hash, seq, f"expected seq {expected_seq}")
         if record["prev_hash"] != prev_hash:
             return VerifyResult(False, checked, seq, prev_hash, seq, "prev_hash does not link")
-        if content_hash(json.loads(record["raw"])) != record["content_hash"]:
+        # A sealed row's raw text is checked through the chain (the row hash covers its
+        # sealed bytes and content_hash): its key may be gone, erased on purpose.
+        sealed = record["raw"].startswith(sealing.RAW_PREFIX)
+        if not sealed and content_hash(json.loads(record["raw"])) != record["content_hash"]:
             return VerifyResult(False, checked, seq, prev_hash, seq, "raw does not match hash")
         if row_hash(prev_hash, record) != record["hash"]:
             return VerifyResult(False, checked, seq, prev_hash, seq, "row hash mismatch")

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.config import Config
 from gateway.db import utc_now
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore, sealing
 from gateway.log.writer import BatchWriter
 from gateway.wire import schemas
 from gateway.wire.ingest import Accepted, Headers, Rejected, interpret
@@ -143,12 +143,15 @@ def reprocess(conn: sqlite3.Connection, config: Config) -> ReprocessSummary:
         "WHERE resolved_at IS NULL ORDER BY id"
     ).fetchall()
     events = duplicates = still = 0
+    opener = sealing.Opener(keystore.for_database(conn, config))
     for row in rows:
         headers = Headers.of(_load_headers(row["headers"]))
-        body = bytes(row["body"] or b"")
+        body = opener.body(row["body"] or b"")
         received_at = utc_now()
         verdict: Accepted | Rejected
-        if row["body_truncated"]:
+        if body is None:
+            verdict = Rejected("erased", "the stored body was erased (callgate erase)")
+        elif row["body_truncated"]:
             verdict = Rejected("body_too_large", "the stored body was truncated")
         else:
             verdict = interpret(headers, body, config, received_at)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from gateway.db import connect
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore
 
 MAX_BATCH = 512
 # How long a batch may wait for requests already in flight to join it.
@@ -343,11 +343,12 @@ class BatchWriter:
                 if conn is None:
                     conn = connect(self.db_path, self.synchronous, self.busy_timeout)
                     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+                    keystore.for_database(conn)  # opened (and checked) outside the lock
                 with lock:
                     # Whatever queued while another process held the lock rides along.
                     self._take(jobs, None)
                     self._commit(conn, jobs)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, keystore.KeyStoreError) as exc:
                 # Nothing in this batch was committed: every waiter gets the error (→ 503).
                 for job in jobs:
                     if not job.done():

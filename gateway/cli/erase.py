@@ -1,0 +1,106 @@
+"""`callgate erase`: forget a caller (or a call, or everything past retention) for good."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from gateway.cli.options import check_keys, db_option
+
+
+@click.command("erase")
+@click.option("--number", metavar="NUMBER", help="A phone number (any format; '-' reads stdin).")
+@click.option("--call", "voice_id", metavar="VOICE_ID", help="One call's voice id.")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    metavar="DAYS",
+    help="Every call whose key is older than DAYS days.",
+)
+@click.option(
+    "--retention",
+    is_flag=True,
+    help="Like --older-than $CALLGATE_RETENTION_DAYS (run it daily, e.g. from cron).",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@db_option
+def erase(
+    number: str | None,
+    voice_id: str | None,
+    older_than: float | None,
+    retention: bool,
+    yes: bool,
+    db: str,
+) -> None:
+    """Destroy the data keys of every call involving NUMBER (or of one call): their
+    personal fields become unreadable everywhere, the log keeps every row and verifies."""
+    from analytics import projector
+    from gateway.config import Config
+    from gateway.db import connect
+    from gateway.log import erasure, keystore, sealing
+
+    config = Config.from_env(db_path=db)
+    if retention:
+        if config.retention_days is None:
+            raise click.ClickException("--retention needs CALLGATE_RETENTION_DAYS to be set")
+        older_than = config.retention_days
+    chosen = [
+        name
+        for name, value in (
+            ("--number", number),
+            ("--call", voice_id),
+            ("--older-than/--retention", older_than),
+        )
+        if value is not None
+    ]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --number, --call, --older-than, --retention")
+    if number == "-":
+        number = sys.stdin.readline().strip()
+    check_keys(db)
+    conn = connect(db)
+    projector.ensure_tables(conn)
+    store = keystore.for_database(conn, config)
+    if number is not None:
+        if sealing.digits_of(number) is None:
+            raise click.ClickException("--number must contain digits")
+        plan, what, reason = (
+            erasure.plan_number(conn, store, config, number),
+            "this number",
+            "number",
+        )
+    elif voice_id is not None:
+        plan, what, reason = erasure.plan_call(conn, store, config, voice_id), "this call", "call"
+    else:
+        assert older_than is not None
+        plan = erasure.plan_older_than(conn, store, older_than)
+        what, reason = f"calls older than {older_than:g} days", "retention"
+    if not plan.units:
+        if reason == "retention":
+            click.echo(f"nothing to erase: no {what}")
+            return
+        click.echo(
+            f"nothing to erase: no call or stored request involves {what} "
+            "(or it was erased already)",
+            err=True,
+        )
+        raise SystemExit(1)
+    summary = (
+        f"{len(plan.calls)} call(s), {len(plan.broadcasts)} broadcast(s) and "
+        f"{plan.requests} refused request(s)"
+    )
+    if not yes:
+        click.confirm(f"Destroy the keys of {summary}? This cannot be undone", abort=True)
+    seq = erasure.destroy(conn, store, plan, reason)
+    projector.reproject(conn, plan.calls, plan.broadcasts)
+    clean = erasure.scrub(conn)
+    conn.close()
+    click.echo(f"erased {summary}; audit event seq {seq}")
+    if not clean:
+        click.echo(
+            "warning: readers kept the WAL from being truncated: erased values stay in "
+            f"{db}-wal until it is (stop Datasette and the projector, then run "
+            "`callgate verify`, which checkpoints)",
+            err=True,
+        )

@@ -1,0 +1,192 @@
+"""Erasure by crypto-shredding: the log keeps every row, the keys that open them go.
+
+`callgate erase` finds the units (calls, broadcasts, refused requests) whose
+sealed data involves a number or a call, destroys their data keys in the key
+store, records an `erasure` event in the log that names the erased calls but
+holds no personal data, and scrubs the freed pages of both files
+(`secure_delete`, VACUUM, WAL truncated). The projections of those calls are
+re-folded by the caller (analytics.projector.reproject), after which their
+personal values are null everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from gateway import db
+from gateway.config import Config
+from gateway.log import eventlog, sealing
+from gateway.log.keystore import KeyStore
+from gateway.wire import crypto
+from gateway.wire.schemas import format_utc
+
+REJECTION_PREFIX = "rejection:"
+_DIGIT_RUNS = re.compile(r"\d+")
+SCRUB_WAIT_SECONDS = 10.0  # for readers (Datasette, the projector) to let the WAL go
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an erasure will destroy: data-key units, and the calls/broadcasts among them."""
+
+    units: list[str]
+    calls: list[str] = field(default_factory=list)
+    broadcasts: list[str] = field(default_factory=list)
+    requests: int = 0
+
+
+def _decrypted(headers: dict[str, str], body: bytes, config: Config) -> str | None:
+    """A refused request's event text if the configured app ids decrypt it (whatever else
+    was wrong with it: a missing voice_id is refused after decryption), else None."""
+    try:
+        outer = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(outer, dict) or not isinstance(outer.get("encrypted_data"), str):
+        return None
+    lower = {k.lower(): v for k, v in headers.items()}
+    algorithm = lower.get("x-algoritm") or lower.get("x-algorithm")
+    fmt, encoding = lower.get("x-format"), lower.get("x-encoding")
+    if not (algorithm and fmt and encoding):
+        return None
+    try:
+        return crypto.decrypt_event(
+            outer["encrypted_data"],
+            algorithm.strip(),
+            fmt.strip(),
+            encoding.strip(),
+            config.app_ids,
+        ).text
+    except crypto.CryptoError:
+        return None
+
+
+def _rejection_texts(
+    conn: sqlite3.Connection, opener: sealing.Opener, config: Config
+) -> Iterator[tuple[str, list[str]]]:
+    """(unit, texts) of every refused request whose key still exists: the stored bytes and,
+    when the configured app ids decrypt them, the decrypted event."""
+    rows = conn.execute("SELECT headers, body FROM rejections WHERE body IS NOT NULL")
+    for headers_text, stored in rows.fetchall():
+        unit = sealing.body_unit(stored)
+        body = opener.body(stored) if unit is not None else None
+        if unit is None or body is None:
+            continue
+        texts = [body.decode("utf-8", "replace")]
+        loaded = json.loads(headers_text or "{}")
+        headers = {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        if (text := _decrypted(headers, body, config)) is not None:
+            texts.append(text)
+        yield unit, texts
+
+
+def _classify(conn: sqlite3.Connection, units: Iterable[str], requests: int) -> Plan:
+    """Which units are calls and which broadcasts (a unit is a voice_id or a broadcast_id)."""
+    ordered = sorted(set(units))
+    calls, broadcasts = [], []
+    for unit in ordered:
+        if unit.startswith(REJECTION_PREFIX):
+            continue
+        if conn.execute("SELECT 1 FROM events WHERE voice_id = ? LIMIT 1", (unit,)).fetchone():
+            calls.append(unit)
+        if conn.execute(
+            "SELECT 1 FROM events WHERE broadcast_id = ? AND voice_id IS NULL LIMIT 1", (unit,)
+        ).fetchone():
+            broadcasts.append(unit)
+    return Plan(ordered, calls, broadcasts, requests)
+
+
+def plan_number(conn: sqlite3.Connection, store: KeyStore, config: Config, number: str) -> Plan:
+    """Every unit involving this number: the calls and broadcasts the key store's keyed tags
+    name, and the refused requests whose bytes (decrypted when possible) carry it."""
+    digits = sealing.digits_of(number)
+    if digits is None:
+        return Plan([])
+    units = set(store.units_of_number(digits))
+    requests = 0
+    for unit, texts in _rejection_texts(conn, sealing.Opener(store), config):
+        if any(digits in _DIGIT_RUNS.findall(text) for text in texts):
+            units.add(unit)
+            requests += 1
+    return _classify(conn, units, requests)
+
+
+def plan_call(conn: sqlite3.Connection, store: KeyStore, config: Config, voice_id: str) -> Plan:
+    """One call's unit (if its key still exists) and the refused requests naming it."""
+    units: set[str] = set()
+    if store.cipher(voice_id) is not None:
+        units.add(voice_id)
+    requests = 0
+    for unit, texts in _rejection_texts(conn, sealing.Opener(store), config):
+        if any(voice_id in text for text in texts):
+            units.add(unit)
+            requests += 1
+    return _classify(conn, units, requests)
+
+
+def plan_older_than(conn: sqlite3.Connection, store: KeyStore, days: float) -> Plan:
+    """Every unit whose key was made more than `days` ago (retention)."""
+    cutoff = format_utc(datetime.now(UTC) - timedelta(days=days))
+    units = store.units_older_than(cutoff)
+    requests = sum(1 for unit in units if unit.startswith(REJECTION_PREFIX))
+    return _classify(conn, units, requests)
+
+
+def destroy(conn: sqlite3.Connection, store: KeyStore, plan: Plan, reason: str) -> int:
+    """Destroy the plan's keys, then log the erasure (no personal data); returns its seq.
+
+    Keys go first: should the append fail, the data is erased all the same and only the
+    audit record is missing (re-running `erase` says so and records it)."""
+    at = db.utc_now()
+    store.destroy(plan.units, reason, at)
+    audit = {
+        "class": "erasure",
+        "state": "keys_destroyed",
+        "occurred_at": at,
+        "reason": reason,
+        "calls": plan.calls,
+        "broadcasts": plan.broadcasts,
+        "requests": plan.requests,
+        "keys": len(plan.units),
+    }
+    item = eventlog.NewEvent(audit, eventlog.canonical_json(audit), audit, "callgate", at)
+    seq = eventlog.append(conn, item, store).seq
+    _forget_responses(conn, plan.calls)
+    return seq
+
+
+def _forget_responses(conn: sqlite3.Connection, voice_ids: list[str]) -> None:
+    """Receivers' answers to the erased calls' deliveries (a receiver may echo what it got)."""
+    if not voice_ids:
+        return
+    marks = ",".join("?" * len(voice_ids))
+    try:
+        with db.transaction(conn):
+            conn.execute(
+                "UPDATE delivery_attempts SET response_body = NULL WHERE delivery_id IN "
+                f"(SELECT id FROM deliveries WHERE voice_id IN ({marks}))",
+                voice_ids,
+            )
+    except sqlite3.OperationalError as exc:  # no forwarding tables: nothing was forwarded
+        if "no such table" not in str(exc):
+            raise
+
+
+def scrub(conn: sqlite3.Connection) -> bool:
+    """Overwrite freed pages of the main database and empty its WAL: the projections'
+    earlier versions of an erased call's rows must not linger in free space.
+    Returns False when readers kept the WAL from being truncated (run again later)."""
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("VACUUM")
+    deadline = time.monotonic() + SCRUB_WAIT_SECONDS
+    while True:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy or time.monotonic() > deadline:
+            return not busy
+        time.sleep(0.2)
