@@ -303,7 +303,7 @@ class BatchWriter:
             self._wake_gatherer()
         if not lead and not job.sleep(timeout):
             with self._mutex:
-                if not job.promoted:
+                if not job.promoted and not job.settled():
                     with contextlib.suppress(ValueError):
                         self._pending.remove(job)
                     raise TimeoutError("the event log writer did not answer in time")
@@ -390,9 +390,14 @@ class BatchWriter:
             self._checkpointer.stop()
             self._checkpointer.join(5)
         with self._mutex:
-            if self._conn is not None and not self._leading:
+            if self._leading:
+                return  # a request is committing: it still needs the connection and lock
+            if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._lock is not None:
+                self._lock.close()
+            self._pid = None  # used again, it starts afresh (lock files, checkpointer)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         items = []
