@@ -206,7 +206,13 @@ def callgate_executable() -> str:
 
 
 def machine() -> str:
-    """nproc, CPU model, kernel and Python: the figures mean nothing without them."""
+    """The host and its load now: the figures mean nothing without them."""
+    return f"{host()} {load_average()}"
+
+
+def host() -> str:
+    """nproc, CPU model, kernel and Python: printed beside every result, since a ratio
+    tuned on one CPU model did not carry over to another (issue 18)."""
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -217,7 +223,7 @@ def machine() -> str:
         pass
     return (
         f"nproc={os.cpu_count()} cpu={model!r} kernel={platform.release()} "
-        f"python={platform.python_version()} {load_average()}"
+        f"python={platform.python_version()}"
     )
 
 
@@ -477,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
 
         a_rps, b_rps = med(lambda r: r.rps, 0), med(lambda r: r.rps, 1)
         ratios = [b.rps / a.rps for a, b in rows]
-        print(f"median over {len(rows)} rounds")
+        print(f"median over {len(rows)} rounds on {host()}")
         print(
             f"  A minimal  {a_rps:9.0f} req/s  p50 {med(lambda r: r.p50_ms, 0):7.2f} ms  "
             f"p99 {med(lambda r: r.p99_ms, 0):7.2f} ms  non-2xx {sum(a.non2xx for a, _ in rows)}"
@@ -526,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         f"stopped) -> {verdict}"
     )
     sealing_cost(args, workdir)
-    print(f"machine at the end: {load_average()}")
+    print(f"machine at the end: {machine()}")
     if args.keep:
         print(f"kept {workdir}")
     else:

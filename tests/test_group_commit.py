@@ -232,3 +232,56 @@ def test_one_checkpointer_per_log_and_another_takes_over_when_it_stops(db_path) 
         time.sleep(0.05)
     follower.close()
     assert not _leaders(writers)
+
+
+def test_the_first_waiting_request_commits_on_its_own_thread(db_path) -> None:
+    """No writer thread: a lone request is committed by its own thread (no hand-off), and
+    under contention the events of other threads ride along in a leader's commit."""
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    built_on: list[int] = []
+
+    def make(n: int) -> eventlog.NewEvent:
+        built_on.append(threading.get_ident())
+        return new_event(n)
+
+    writer.submit(lambda c: make(1))
+    assert built_on == [threading.get_ident()]
+    assert not [t.name for t in threading.enumerate() if t.name == "callgate-writer"]
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(writer.submit, lambda c, n=n: make(n)) for n in range(2, 42)]
+        time.sleep(0.3)
+        blocker.execute("COMMIT")
+        assert sorted(f.result(timeout=30).seq for f in futures) == list(range(2, 42))
+    writer.close()
+    # Fewer commits than events: followers' events were built on a leader's thread.
+    assert writer.batches < writer.events == 41
+    assert eventlog.verify(conn).ok
+
+
+def test_a_follower_that_gives_up_leaves_the_writer_working(db_path) -> None:
+    """A request that times out while queued is taken off the queue (it answers 503 and
+    EnableX redelivers); the lead still passes on and later requests commit."""
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path, busy_timeout=5.0)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(writer.submit, lambda c: new_event(1))
+        time.sleep(0.2)  # the leader now waits inside BEGIN IMMEDIATE
+        follower = pool.submit(writer.submit, lambda c: new_event(2), 0.3)
+        try:
+            follower.result(timeout=30)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("a queued request was answered while the log was locked")
+        blocker.execute("COMMIT")
+        assert leader.result(timeout=30).seq == 1
+    assert writer.submit(lambda c: new_event(3)).seq == 2
+    writer.close()
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 2

@@ -266,7 +266,7 @@ def append_batch(
 
     Sealing, hashing and JSON happen before BEGIN, and the transaction makes a fixed
     number of SQLite calls whatever the batch size: each call releases the GIL, and a
-    writer thread that must win it back once per row starves behind request threads.
+    committing thread that must win it back once per row starves behind request threads.
     Returns only after COMMIT: the caller may acknowledge every result then.
     `store` defaults to the key store of conn's database (keystore.for_database).
     """

@@ -1,13 +1,17 @@
 """Group commit: concurrent requests share one transaction and one fsync.
 
-Each gunicorn worker process owns one writer thread and one write connection.
-Request threads hand their event to the writer and block; the writer takes
-everything queued, appends it in a single transaction, and only after COMMIT
-returns releases each request with its own result. So an acknowledgement
-still means "durable", but a burst of N concurrent webhooks costs one fsync
-instead of N.
+There is no writer thread. A request thread whose event is accepted queues it and,
+if no commit is under way in its process, becomes the *leader*: it takes the
+writers' lock file, takes every event queued by then, appends them in one
+transaction and, only after COMMIT returned, releases each follower with its own
+result (so an acknowledgement still means "durable"). Followers sleep on a lock of
+their own; before the leader returns it promotes the first event queued meanwhile
+to lead the next batch. A leading request pays no thread wake-up and a following
+one exactly one, where a writer thread cost every request two hand-offs (to the
+writer and back) plus the writer's own wake-ups; and while one batch fsyncs, with
+the GIL released, the next batch's requests are decrypted and validated.
 
-The writers of different worker processes take turns on a lock file
+The leaders of different worker processes take turns on a lock file
 (`WriterLock`) before BEGIN IMMEDIATE. Left to SQLite, a writer that finds
 the database locked sleeps in growing steps (up to 100 ms) and retries, so
 two busy workers stall each other for hundreds of milliseconds; on the lock
@@ -20,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -30,7 +33,7 @@ from gateway.db import connect
 from gateway.log import eventlog, keystore
 
 MAX_BATCH = 512
-# How long a batch may wait for requests already in flight to join it.
+# How long a leader may wait for requests already in flight to join its batch.
 GATHER_SECONDS = 0.002
 
 
@@ -190,35 +193,39 @@ def _try_flock(fd: int | None) -> bool:
 
 
 class _Job:
-    """One submitted event and the lock its request thread waits on until it is settled.
+    """One submitted event and the lock its request thread sleeps on until the event is
+    settled (committed or failed) or the thread is promoted to lead the next commit.
 
     A bare lock rather than a `Future`: a Future's condition variable and callback
     machinery cost more than the insert itself at a few thousand events a second.
     """
 
-    __slots__ = ("make", "result", "error", "_settled")
+    __slots__ = ("make", "result", "error", "promoted", "_wake")
 
     def __init__(self, make: Callable[[sqlite3.Connection], eventlog.NewEvent]) -> None:
         self.make = make
         self.result: eventlog.AppendResult | None = None
         self.error: BaseException | None = None
-        self._settled = threading.Lock()
-        self._settled.acquire()
+        self.promoted = False
+        self._wake = threading.Lock()
+        self._wake.acquire()
 
-    def done(self) -> bool:
+    def settled(self) -> bool:
         return self.result is not None or self.error is not None
 
-    def set_result(self, result: eventlog.AppendResult) -> None:
-        self.result = result
-        self._settled.release()
+    def settle(self, result: eventlog.AppendResult | None, error: BaseException | None) -> None:
+        self.result, self.error = result, error
+        self._wake.release()
 
-    def set_exception(self, error: BaseException) -> None:
-        self.error = error
-        self._settled.release()
+    def promote(self) -> None:
+        self.promoted = True
+        self._wake.release()
 
-    def wait(self, timeout: float) -> eventlog.AppendResult:
-        if not self._settled.acquire(timeout=timeout):
-            raise TimeoutError("the event log writer did not answer in time")
+    def sleep(self, timeout: float) -> bool:
+        """Until settled or promoted; False if `timeout` passed first."""
+        return self._wake.acquire(timeout=timeout)
+
+    def outcome(self) -> eventlog.AppendResult:
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -226,14 +233,15 @@ class _Job:
 
 
 class BatchWriter:
-    """One writer thread per process; started lazily so it is created after fork.
+    """Leader-based group commit for one process (see the module docstring).
 
-    Every commit costs an fsync, and on a virtualised disk an fsync costs as much
-    CPU as three or four inserts (about 150 µs against 45 µs on the development VM),
-    so small batches waste most of a writer's time on fsyncs. The writer
-    therefore waits, at most `gather_seconds`, for requests that are already being
-    handled (`admitted`) to hand in their events: it commits once every admitted
-    request has queued. A lone request under light load is committed at once.
+    State is per process and created on first use, so a writer built before a fork
+    starts clean in the child: its queue, its write connection, its checkpointer.
+    `gather_seconds` lets a leader wait, that long at most, for requests already
+    being handled (`admitted`) to queue their events first, so fewer fsyncs carry
+    the same events (bench/README.md: on the 2-CPU VM a commit costs about 450 µs of
+    CPU whatever its size, and gathering raised requests/s); a lone request under
+    light load has nobody to wait for and commits at once.
     """
 
     def __init__(
@@ -253,113 +261,143 @@ class BatchWriter:
         self.gather_seconds = gather_seconds
         self.batches = 0
         self.events = 0
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._admitted = 0
+        self._mutex = threading.Lock()  # guards everything below
+        self._pending: list[_Job] = []
+        self._leading = False  # a request thread is committing, or promoted to
+        self._waiting = 0  # admitted requests that have not queued an event (yet)
+        self._gathering: threading.Lock | None = None  # a leader sleeps on it
         self._pid: int | None = None
-        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._lock: WriterLock | None = None
         self._checkpointer: Checkpointer | None = None
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
-        """Mark a request that may submit an event: the writer waits for it to join."""
-        with self._lock:
-            self._admitted += 1
+        """Mark a request that may submit an event: a gathering leader waits for it."""
+        marker = _Admission(self)
+        with self._mutex:
+            self._waiting += 1
         try:
-            yield
+            with _admission.bind(marker):
+                yield
         finally:
-            with self._lock:
-                self._admitted -= 1
+            with self._mutex:
+                if not marker.queued:
+                    self._waiting -= 1
+                    self._wake_gatherer()
 
     def submit(
         self, make: Callable[[sqlite3.Connection], eventlog.NewEvent], timeout: float = 30.0
     ) -> eventlog.AppendResult:
-        """Block until the event built by `make` (inside the writer) is committed."""
-        self._ensure_thread()
+        """Block until the event built by `make` (inside the commit) is committed."""
         job = _Job(make)
-        self._queue.put(job)
-        return job.wait(timeout)
+        marker = _admission.current()
+        with self._mutex:
+            self._for_this_process()
+            self._pending.append(job)
+            if marker is not None and marker.writer is self and not marker.queued:
+                marker.queued = True
+                self._waiting -= 1
+            lead = not self._leading
+            self._leading = True
+            self._wake_gatherer()
+        if not lead and not job.sleep(timeout):
+            with self._mutex:
+                if not job.promoted and not job.settled():
+                    with contextlib.suppress(ValueError):
+                        self._pending.remove(job)
+                    raise TimeoutError("the event log writer did not answer in time")
+        if lead or job.promoted:
+            self._lead()
+        return job.outcome()
 
-    def _ensure_thread(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+    def _for_this_process(self) -> None:
+        """Per-process state, (re)created after a fork; called holding the mutex."""
+        if self._pid == os.getpid():
             return
-        with self._lock:
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-                self._queue = queue.SimpleQueue()
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=self._run, name="callgate-writer", daemon=True
-                )
-                self._thread.start()
-                alive = self._checkpointer is not None and self._checkpointer.is_alive()
-                if self.db_path != ":memory:" and self.checkpoint != "off" and not alive:
-                    self._checkpointer = Checkpointer(
-                        self.db_path, CHECKPOINT_SECONDS, self.busy_timeout, self.checkpoint
-                    )
-                    self._checkpointer.start()
+        self._pid = os.getpid()
+        self._pending = []
+        self._leading = False
+        self._waiting = 0
+        self._gathering = None
+        self._conn = None
+        self._lock = WriterLock(self.db_path, self.busy_timeout)
+        if self.db_path != ":memory:" and self.checkpoint != "off":
+            self._checkpointer = Checkpointer(
+                self.db_path, CHECKPOINT_SECONDS, self.busy_timeout, self.checkpoint
+            )
+            self._checkpointer.start()
+
+    def _wake_gatherer(self) -> None:
+        """Release a gathering leader once nobody admitted is still on the way (mutex held)."""
+        if self._gathering is not None and self._waiting <= 0:
+            self._gathering.release()
+            self._gathering = None
+
+    def _gather(self) -> None:
+        """Wait at most `gather_seconds` for admitted requests to queue their events."""
+        with self._mutex:
+            if self.gather_seconds <= 0 or self._waiting <= 0:
+                return
+            gate = self._gathering = threading.Lock()
+            gate.acquire()
+        gate.acquire(timeout=self.gather_seconds)
+        with self._mutex:
+            if self._gathering is gate:
+                self._gathering = None
+
+    def _take(self) -> list[_Job]:
+        with self._mutex:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+        return batch
+
+    def _lead(self) -> None:
+        """Commit what is queued (the leader's own event first), then pass the lead on."""
+        assert self._lock is not None
+        batch: list[_Job] = []
+        try:
+            self._gather()
+            if self._conn is None:
+                self._conn = connect(self.db_path, self.synchronous, self.busy_timeout)
+                self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+                keystore.for_database(self._conn)  # opened (and checked) outside the lock
+            with self._lock:
+                # Whatever queued while another process held the lock rides along.
+                batch = self._take()
+                self._commit(self._conn, batch)
+        except Exception as exc:
+            # Nothing in this batch was committed: every waiter gets the error (a storage
+            # error becomes 503), also when the lock was never ours, as a locked database
+            # would fail them.
+            for job in batch or self._take():
+                if not job.settled():
+                    job.settle(None, exc)
+            if isinstance(exc, sqlite3.Error | keystore.KeyStoreError) and self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.close()
+                self._conn = None
+        finally:
+            with self._mutex:
+                if self._pending:
+                    self._pending[0].promote()
+                else:
+                    self._leading = False
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(5)
+        """Stop this process's checkpointer and close the write connection if idle."""
         if self._checkpointer is not None and self._checkpointer.is_alive():
             self._checkpointer.stop()
             self._checkpointer.join(5)
-
-    def _take(self, jobs: list[_Job], wait_until: float | None) -> bool:
-        """Add queued jobs to `jobs`, waiting for admitted stragglers until `wait_until`.
-
-        Returns False once the stop sentinel is seen (it is put back for `_run`).
-        """
-        while len(jobs) < self.max_batch:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                if wait_until is None or len(jobs) >= self._admitted:
-                    return True
-                remaining = wait_until - time.monotonic()
-                if remaining <= 0:
-                    return True
-                try:
-                    job = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    return True
-            if job is None:
-                self._queue.put(None)
-                return False
-            jobs.append(job)
-        return True
-
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        lock = WriterLock(self.db_path, self.busy_timeout)
-        while True:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs = [first]
-            self._take(jobs, time.monotonic() + self.gather_seconds)
-            try:
-                if conn is None:
-                    conn = connect(self.db_path, self.synchronous, self.busy_timeout)
-                    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-                    keystore.for_database(conn)  # opened (and checked) outside the lock
-                with lock:
-                    # Whatever queued while another process held the lock rides along.
-                    self._take(jobs, None)
-                    self._commit(conn, jobs)
-            except (sqlite3.Error, keystore.KeyStoreError) as exc:
-                # Nothing in this batch was committed: every waiter gets the error (→ 503).
-                for job in jobs:
-                    if not job.done():
-                        job.set_exception(exc)
-                if conn is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
-        lock.close()
+        with self._mutex:
+            if self._leading:
+                return  # a request is committing: it still needs the connection and lock
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if self._lock is not None:
+                self._lock.close()
+            self._pid = None  # used again, it starts afresh (lock files, checkpointer)
 
     def _commit(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         items = []
@@ -371,11 +409,41 @@ class BatchWriter:
             except sqlite3.Error:
                 raise
             except Exception as exc:  # a bad item must not take its batch down with it
-                job.set_exception(exc)
+                job.settle(None, exc)
         if not items:
             return
         results = eventlog.append_batch(conn, items)
         self.batches += 1
         self.events += len(items)
         for job, result in zip(live, results, strict=True):
-            job.set_result(result)
+            job.settle(result, None)
+
+
+class _Admission:
+    """One admitted request: whose writer admitted it, and whether it has queued yet."""
+
+    __slots__ = ("writer", "queued")
+
+    def __init__(self, writer: BatchWriter) -> None:
+        self.writer = writer
+        self.queued = False
+
+
+class _ThreadAdmission(threading.local):
+    """The admission of the request this thread is handling (None outside one)."""
+
+    marker: _Admission | None = None
+
+    def current(self) -> _Admission | None:
+        return self.marker
+
+    @contextlib.contextmanager
+    def bind(self, marker: _Admission) -> Iterator[None]:
+        outer, self.marker = self.marker, marker
+        try:
+            yield
+        finally:
+            self.marker = outer
+
+
+_admission = _ThreadAdmission()
