@@ -137,17 +137,22 @@ def test_answer_and_ring_times(ds: Datasette, built: Built) -> None:
 
 def test_disconnect_reasons(ds: Datasette, built: Built) -> None:
     ended = [c for c in built.reference.calls.values() if c.final_state in TERMINAL]
-    reasons = Counter((c.disconnect_reason or "").strip() or "(none)" for c in ended)
-    answered = Counter(
-        (c.disconnect_reason or "").strip() or "(none)" for c in ended if c.answered is not None
-    )
+    reasons = Counter(c.normalised_reason or "(none)" for c in ended)
+    answered = Counter(c.normalised_reason or "(none)" for c in ended if c.answered is not None)
+    spellings: defaultdict[str, set[str]] = defaultdict(set)
+    for c in ended:
+        if c.disconnect_reason is not None:
+            spellings[c.normalised_reason or "(none)"].add(c.disconnect_reason)
     rows = ds.query("disconnect_reasons")
     assert {r["disconnect_reason"]: r["calls"] for r in rows} == reasons
     for row in rows:
         assert row["answered_calls"] == answered[row["disconnect_reason"]]
         assert row["share_pct"] == round(100.0 * row["calls"] / len(ended), 1)
+        raw = set(row["raw_spellings"].split(" | ")) if row["raw_spellings"] else set()
+        assert raw == spellings[row["disconnect_reason"]], row
     assert rows[0]["disconnect_reason"] == reasons.most_common(1)[0][0]
-    assert {"busy", "no_answer", "Normal Clearing", "(none)"} <= set(reasons)
+    assert {"busy", "no_answer", "normal_clearing", "(none)"} <= set(reasons)
+    assert "Normal Clearing" in spellings["normal_clearing"]
 
 
 def test_ivr_digits(ds: Datasette, built: Built) -> None:
