@@ -183,6 +183,9 @@ CALLS = Table(
         ("calls_answer_ms_by_direction", f'{DIRECTION_GROUP}, {TIME_TO_ANSWER_MS}, '
          '"direction", "answered_at", "started_at"', ANSWERED, False),
         ("calls_answer_ms", f'{TIME_TO_ANSWER_MS}, "answered_at", "started_at"', ANSWERED, False),
+        # time_to_answer_per_day: each day's values in order
+        ("calls_answer_ms_by_day", f'{STARTED_DAY}, {TIME_TO_ANSWER_MS}, "answered_at", '
+         '"started_at"', ANSWERED, False),
         ("calls_ring_ms_by_direction", f'{DIRECTION_GROUP}, {RING_MS}, "direction", '
          '"ring_seconds"', RUNG, False),
         ("calls_ring_ms", f'{RING_MS}, "ring_seconds"', RUNG, False),
