@@ -24,40 +24,19 @@ class Section:
     key: tuple[str, ...]  # primary key: how a `<table>_private` row overlays a public one
 
 
+# `SELECT *`: the page shows what each table holds under the privacy policy in force
+# (public tables may drop or mask personal columns), and the template names its columns.
 SECTIONS: tuple[Section, ...] = (
-    Section(
-        "timeline",
-        "SELECT seq, position, occurred_at, received_at, class, state, play_id, prompt_ref, "
-        "digits, text, reason, arrived_late FROM timeline WHERE voice_id = :voice_id "
-        "ORDER BY occurred_at, seq",
-        ("seq",),
-    ),
-    Section(
-        "plays",
-        "SELECT voice_id, play_id, prompt_ref, final_state, digits, speech_result, speech_text, "
-        "started_at, finished_at, event_count FROM plays WHERE voice_id = :voice_id "
-        "ORDER BY started_at, play_id",
-        ("voice_id", "play_id"),
-    ),
-    Section(
-        "dtmf",
-        "SELECT voice_id, position, occurred_at, digits, source, play_id, prompt_ref "
-        "FROM dtmf WHERE voice_id = :voice_id ORDER BY position",
-        ("voice_id", "position"),
-    ),
-    Section(
-        "speech",
-        "SELECT voice_id, position, occurred_at, result, text, confidence, reason, play_id, "
-        "prompt_ref FROM speech WHERE voice_id = :voice_id ORDER BY position",
-        ("voice_id", "position"),
-    ),
-    Section(
-        "recordings",
-        "SELECT voice_id, recording_id, state, started_at, completed_at, recording_url, "
-        "duration_s, description FROM recordings WHERE voice_id = :voice_id "
-        "ORDER BY started_at, recording_id",
-        ("voice_id", "recording_id"),
-    ),
+    Section("timeline", "SELECT * FROM timeline WHERE voice_id = :voice_id "
+            "ORDER BY occurred_at, seq", ("seq",)),
+    Section("plays", "SELECT * FROM plays WHERE voice_id = :voice_id "
+            "ORDER BY started_at, play_id", ("voice_id", "play_id")),
+    Section("dtmf", "SELECT * FROM dtmf WHERE voice_id = :voice_id ORDER BY position",
+            ("voice_id", "position")),
+    Section("speech", "SELECT * FROM speech WHERE voice_id = :voice_id ORDER BY position",
+            ("voice_id", "position")),
+    Section("recordings", "SELECT * FROM recordings WHERE voice_id = :voice_id "
+            "ORDER BY started_at, recording_id", ("voice_id", "recording_id")),
 )
 CALL_KEY = ("voice_id",)
 
@@ -87,15 +66,15 @@ def private_table(table: str) -> str:
 def overlay(rows: Sequence[Row], private_rows: Sequence[Mapping[str, Any]],
             key: tuple[str, ...]) -> list[Row]:
     """Public rows with the cleartext of the matching private rows put over them: the
-    page a visitor may read the private table for shows what that table holds, everyone
-    else the public form. Columns the public row lacks are left out."""
+    page a visitor may read the private table for shows what that table holds (columns
+    the public form leaves out included), everyone else the public form."""
     by_key = {tuple(p.get(k) for k in key): p for p in private_rows}
     out = []
     for row in rows:
         clear = by_key.get(tuple(row.get(k) for k in key))
         merged = dict(row)
         if clear is not None:
-            merged.update({k: v for k, v in clear.items() if k in row and k not in key})
+            merged.update({k: v for k, v in clear.items() if k not in key})
         out.append(merged)
     return out
 

@@ -40,9 +40,10 @@ def test_bridge_legs_from_the_timeline() -> None:
 def test_private_rows_overlay_the_public_form_by_key() -> None:
     public = [{"voice_id": "v", "position": 1, "digits": "**", "source": "play"},
               {"voice_id": "v", "position": 2, "digits": "*", "source": "dtmf"}]  # fmt: skip
-    private = [{"voice_id": "v", "position": 2, "digits": "7", "extra": "kept out"}]
+    private = [{"voice_id": "v", "position": 2, "digits": "7", "text": "only here"}]
     shown = overlay(public, private, ("voice_id", "position"))
-    assert shown == [public[0], {"voice_id": "v", "position": 2, "digits": "7", "source": "dtmf"}]
+    assert shown == [public[0], {"voice_id": "v", "position": 2, "digits": "7", "source": "dtmf",
+                                 "text": "only here"}]  # fmt: skip
     assert public[1]["digits"] == "*"  # the input is not changed
 
 
