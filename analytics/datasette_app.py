@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # A symlink to the repository's metadata.yml, so a wheel ships the same file.
 METADATA_PATH = Path(__file__).resolve().parent / "metadata.yml"
 PLUGINS_DIR = Path(__file__).resolve().parent / "datasette_plugins"
+# The call page and the calls page (row-/table-callgate-calls.html).
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 METADATA_DB_NAME = "callgate"
 TOKEN_ENV = DATASETTE_TOKEN_ENV
 OPERATOR_ID = "operator"
@@ -140,6 +142,8 @@ def datasette_argv(
         str(metadata),
         "--plugins-dir",
         str(PLUGINS_DIR),
+        "--template-dir",
+        str(TEMPLATES_DIR),
     ]
     for name, value in SETTINGS.items():
         argv += ["--setting", name, value]

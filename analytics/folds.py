@@ -15,6 +15,7 @@ call's timeline (stored as a view over `events` + `timeline_marks`, see tables.p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -30,7 +31,8 @@ Row = tuple[Any, ...]
 CALL_FIELDS: tuple[str, ...] = (
     "voice_id", "direction", "from_number", "to_number", "final_state", "started_at",
     "ringing_at", "answered_at", "ended_at", "last_event_at", "ring_seconds", "duration_s",
-    "hold_seconds", "disconnect_reason", "plays", "digits", "speech", "speech_results",
+    "hold_seconds", "disconnect_reason", "disconnect_reason_normalised", "plays", "digits",
+    "speech", "speech_results",
     "recording_url", "recording_duration_s", "bridge_state", "transfer_to", "owner_ref",
     "channel_id", "room_id", "broadcast_id", "event_count", "unknown_events",
     "out_of_order_events", "event_classes", "first_seq", "last_seq",
@@ -88,6 +90,7 @@ class CallRow(NamedTuple):
     duration_s: int | None
     hold_seconds: float
     disconnect_reason: str | None
+    disconnect_reason_normalised: str | None
     plays: int
     digits: str
     speech: str
@@ -233,6 +236,38 @@ def refine_class(event: Event, connected_before: bool) -> str:
 
 def _reason(ev: Event) -> Any:
     return ev.get("disconnect_reason") or ev.get("reason")
+
+
+# Disconnect reasons that mean the same thing, under one name (README "Normalised
+# disconnect reasons"); the outcome rules of the canned queries read these names.
+REASON_SYNONYMS: dict[str, str] = {
+    "user_busy": "busy",
+    "noanswer": "no_answer",
+    "no_user_response": "no_answer",
+    "not_answered": "no_answer",
+    "ring_timeout": "no_answer",
+    "call_rejected": "rejected",
+    "declined": "rejected",
+}
+_REASON_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+def normalise_reason(reason: Any) -> str | None:
+    """One spelling per disconnect reason, so `NO_ANSWER`, `No Answer` and `no-answer` count
+    as one: trimmed, lower case, runs of spaces, hyphens and underscores as one `_`, then
+    the synonyms above. NULL for a missing or blank reason, or one that is not text."""
+    if isinstance(reason, bool) or not isinstance(reason, str | int | float):
+        return None
+    return _normalise_reason_text(str(reason))
+
+
+@lru_cache(maxsize=1024)
+def _normalise_reason_text(reason: str) -> str | None:
+    """Cached: a log has a handful of spellings, and the fold runs once per call."""
+    text = _REASON_SEPARATORS.sub("_", reason.strip().lower()).strip("_")
+    if not text:
+        return None
+    return REASON_SYNONYMS.get(text, text)
 
 
 def timeline_row(ev: Event, position: int, cls: str, late: bool) -> Row:
@@ -405,6 +440,7 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
     if end_event is None and final_state == "failed":
         end_event = final_failed
     ended_at = end_event["occurred_at"] if end_event is not None else None
+    reason = _reason(end_event) if end_event is not None else None
     ring_from = ringing_at or incoming_at
     ring_seconds, duration_s = _durations(ring_from, answered_at, ended_at, disconnected)
     classes = _classes_json(
@@ -426,7 +462,8 @@ def fold_call(events: list[Event], timeline: bool = False) -> CallRows:
         ring_seconds=ring_seconds,
         duration_s=duration_s,
         hold_seconds=hold_ms / 1000,
-        disconnect_reason=_reason(end_event) if end_event is not None else None,
+        disconnect_reason=reason,
+        disconnect_reason_normalised=normalise_reason(reason),
         plays=len(plays),
         digits=json_text(digits) if digits else _EMPTY,
         speech=json_text(speech_texts) if speech_texts else _EMPTY,

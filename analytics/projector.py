@@ -41,7 +41,7 @@ from gateway.db import connect, log_head_seq, transaction, utc_now
 from gateway.log import eventlog, keystore, sealing
 from gateway.signals import stop_on_signals
 
-CHECKPOINT = "projector"
+CHECKPOINT = tables.PROJECTOR_CHECKPOINT
 DEFAULT_BATCH = 2000
 _READ_CHUNK = 20000  # rows fetched per round trip while rebuilding
 _WRITE_CHUNK = 2000  # calls folded before their rows are flushed with executemany
@@ -86,13 +86,16 @@ def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
 
 
 def ensure_tables(conn: sqlite3.Connection) -> None:
-    """Create the log's and the projections' tables when missing (idempotent, cheap)."""
+    """Create the log's and the projections' tables when missing (idempotent, cheap); a
+    projection of an older shape is dropped and the whole log re-projected into the new one."""
     eventlog.ensure_schema(conn)
     have = {
         row[0]
         for row in _cursor(conn).execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
-    if all(table.name in have for table in tables.ALL_TABLES):
+    if all(table.name in have for table in tables.ALL_TABLES) and not any(
+        table.shape_differs(conn) for table in tables.PROJECTIONS
+    ):
         return
     with transaction(conn):
         tables.create_tables(conn)

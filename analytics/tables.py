@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from analytics import folds, summaries
+from gateway.db import transaction
 
 STAGING_SUFFIX = "__rebuild"
+# The projector's row in `checkpoints` (reset when a projection's shape changed).
+PROJECTOR_CHECKPOINT = "projector"
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +33,10 @@ class Table:
     without_rowid: bool = False
     # (index name, columns SQL, optional WHERE clause of a partial index, unique)
     indexes: tuple[tuple[str, str, str, bool], ...] = field(default_factory=tuple)
+    # (column, other table, other column): declared so Datasette links a row to its call
+    # and lists a call's rows under "Links from other tables". SQLite does not enforce
+    # them (foreign_keys stays off), so projection order and rebuilds are unaffected.
+    foreign_keys: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -39,6 +46,8 @@ class Table:
         body = [f'"{col}" {sqltype}' for col, sqltype, _ in self.columns]
         if self.primary_key:
             body.append("PRIMARY KEY (" + ", ".join(f'"{c}"' for c in self.primary_key) + ")")
+        for col, other, other_col in self.foreign_keys:
+            body.append(f'FOREIGN KEY ("{col}") REFERENCES "{other}" ("{other_col}")')
         suffix = " WITHOUT ROWID" if self.without_rowid else ""
         return f'CREATE TABLE IF NOT EXISTS "{name or self.name}" ({", ".join(body)}){suffix}'
 
@@ -57,6 +66,18 @@ class Table:
             clause = f" WHERE {where}" if where else ""
             out.append((index, f'CREATE {kind} "{index}" ON "{self.name}" ({cols}){clause}'))
         return out
+
+    def shape_differs(self, conn: sqlite3.Connection) -> bool:
+        """True when the stored table (if any) has other columns or foreign keys than
+        declared: a database built by an older callgate, to be re-projected."""
+        stored = [row[1] for row in conn.execute(f'PRAGMA table_info("{self.name}")')]
+        if not stored:
+            return False
+        keys = {
+            (row[3], row[2], row[4])
+            for row in conn.execute(f'PRAGMA foreign_key_list("{self.name}")')
+        }
+        return tuple(stored) != self.column_names or keys != set(self.foreign_keys)
 
     @cached_property
     def insert_sql(self) -> str:
@@ -84,6 +105,8 @@ ANSWERED = '"answered_at" IS NOT NULL AND "started_at" IS NOT NULL'
 RING_MS = 'CAST(round("ring_seconds" * 1000.0) AS INTEGER)'
 RUNG = '"ring_seconds" IS NOT NULL'
 ACTIVE_UNTIL = 'coalesce("ended_at", "last_event_at")'
+# A call's rows in plays, recordings, dtmf and speech point at it (Datasette links them).
+TO_CALL = ("voice_id", "calls", "voice_id")
 
 CALLS = Table(
     "calls",
@@ -110,6 +133,9 @@ CALLS = Table(
          "disconnected)."),
         ("disconnect_reason", "TEXT", "disconnect_reason (or reason) of the event that ended "
          "the call."),
+        ("disconnect_reason_normalised", "TEXT", "disconnect_reason in one spelling per "
+         "reason: lower case, spaces and hyphens as _, synonyms merged (user_busy -> busy, "
+         "noanswer -> no_answer, ...; README)."),
         ("plays", "INTEGER", "Number of distinct play_id on play and speech events."),
         ("digits", "TEXT", "JSON array of digit strings (play digitcollected and dtmf events) "
          "in event-time order."),
@@ -135,6 +161,7 @@ CALLS = Table(
         ("last_seq", "INTEGER", "Highest events.seq of the call."),
     ),
     primary_key=("voice_id",),
+    foreign_keys=(("broadcast_id", "broadcasts", "broadcast_id"),),
     # Besides the lookups Datasette's table pages make, the canned queries of metadata.yml
     # each read one of these indexes in order instead of the table (SQLite 3.40 uses an
     # index on expressions only when the query spells the same expression, and treats it
@@ -148,13 +175,17 @@ CALLS = Table(
         ("calls_broadcast_id", '"broadcast_id"', '"broadcast_id" IS NOT NULL', False),
         # calls_per_day, asr_ner_per_day, acd_per_day: grouped per day without a sort
         ("calls_started_day", f"{STARTED_DAY}, \"direction\", \"final_state\", "
-         '"disconnect_reason", "answered_at", "duration_s", "started_at"', "", False),
+         '"disconnect_reason_normalised", "answered_at", "duration_s", "started_at"', "", False),
         # disconnect_reasons
-        ("calls_ended", '"final_state", "disconnect_reason", "answered_at"', "", False),
+        ("calls_ended", '"final_state", "disconnect_reason_normalised", "disconnect_reason", '
+         '"answered_at"', "", False),
         # answer_and_ring_times: each direction's values, and all of them, in order
         ("calls_answer_ms_by_direction", f'{DIRECTION_GROUP}, {TIME_TO_ANSWER_MS}, '
          '"direction", "answered_at", "started_at"', ANSWERED, False),
         ("calls_answer_ms", f'{TIME_TO_ANSWER_MS}, "answered_at", "started_at"', ANSWERED, False),
+        # time_to_answer_per_day: each day's values in order
+        ("calls_answer_ms_by_day", f'{STARTED_DAY}, {TIME_TO_ANSWER_MS}, "answered_at", '
+         '"started_at"', ANSWERED, False),
         ("calls_ring_ms_by_direction", f'{DIRECTION_GROUP}, {RING_MS}, "direction", '
          '"ring_seconds"', RUNG, False),
         ("calls_ring_ms", f'{RING_MS}, "ring_seconds"', RUNG, False),
@@ -182,6 +213,7 @@ PLAYS = Table(
         ("last_seq", "INTEGER", "Highest events.seq of the play."),
     ),
     primary_key=("voice_id", "play_id"),
+    foreign_keys=(TO_CALL,),
     without_rowid=True,
     # + final_state, digits, speech_result: ivr_prompt_outcomes groups plays from it
     indexes=(
@@ -208,6 +240,7 @@ RECORDINGS = Table(
         ("last_seq", "INTEGER", "Highest events.seq of the recording."),
     ),
     primary_key=("voice_id", "recording_id"),
+    foreign_keys=(TO_CALL,),
     without_rowid=True,
 )
 
@@ -225,6 +258,7 @@ DTMF = Table(
         ("seq", "INTEGER", "events.seq of the event."),
     ),
     primary_key=("voice_id", "position"),
+    foreign_keys=(TO_CALL,),
     without_rowid=True,
 )
 
@@ -244,6 +278,7 @@ SPEECH = Table(
         ("seq", "INTEGER", "events.seq of the event."),
     ),
     primary_key=("voice_id", "position"),
+    foreign_keys=(TO_CALL,),
     without_rowid=True,
 )
 
@@ -429,12 +464,30 @@ def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
     have = {
         row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
+    drop_outdated(conn)
     for table in ALL_TABLES:
         conn.execute(table.create_sql())
     if indexes:
         create_indexes(conn)
     conn.execute(TIMELINE_SQL)
     fill_new_summaries(conn, {t.name for t in SUMMARIES} - have)
+
+
+def drop_outdated(conn: sqlite3.Connection) -> list[str]:
+    """Drop projection tables whose stored shape is not the declared one (a column or a
+    foreign key added since the database was built) and reset the projector's checkpoint,
+    so it folds the whole log again into the new shapes. Returns the dropped names.
+
+    Projections are derived data: re-projecting is always correct, and cheaper to get
+    right than a migration per column. The indexes of a dropped table go with it."""
+    outdated = [t.name for t in PROJECTIONS if t.shape_differs(conn)]
+    if outdated:
+        with transaction(conn):
+            for name in outdated:
+                conn.execute(f'DROP TABLE "{name}"')
+            conn.execute(CHECKPOINTS.create_sql())
+            conn.execute("DELETE FROM checkpoints WHERE name = ?", (PROJECTOR_CHECKPOINT,))
+    return outdated
 
 
 def create_indexes(conn: sqlite3.Connection) -> None:

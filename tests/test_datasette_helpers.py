@@ -43,6 +43,13 @@ from tests.servers import Subprocess, free_port, wait_http
 
 OPERATOR_TOKEN = "test-operator-token-0123456789abcdef"
 TERMINAL = ("disconnected", "failed")
+# README "Normalised disconnect reasons": spellings that mean the same reason.
+REASON_SYNONYMS = {
+    "user_busy": "busy",
+    "noanswer": "no_answer", "no_user_response": "no_answer", "not_answered": "no_answer",
+    "ring_timeout": "no_answer",
+    "call_rejected": "rejected", "declined": "rejected",
+}  # fmt: skip
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"
 REJECTIONS_START = datetime(2024, 3, 19, 0, 0, tzinfo=UTC)
 
@@ -163,19 +170,23 @@ class RefCall:
         return None if rang is None or until is None else (until - rang).total_seconds()
 
     @property
+    def normalised_reason(self) -> str | None:
+        """README's rules, restated: words of the reason, lower case, joined by `_`, then
+        the synonyms."""
+        words = [w for w in re.split(r"[ _-]+", (self.disconnect_reason or "").lower()) if w]
+        if not words:
+            return None
+        reason = "_".join(words)
+        return REASON_SYNONYMS.get(reason, reason)
+
+    @property
     def outcome(self) -> str:
         if self.answered is not None:
             return "answered"
         if self.final_state not in TERMINAL:
             return "in_progress"
-        reason = (self.disconnect_reason or "").strip().lower().replace(" ", "_")
-        if reason in ("busy", "user_busy"):
-            return "busy"
-        if reason in ("no_answer", "noanswer", "no_user_response", "not_answered", "ring_timeout"):
-            return "no_answer"
-        if reason in ("rejected", "call_rejected", "declined"):
-            return "rejected"
-        return "failed"
+        reason = self.normalised_reason
+        return reason if reason in ("busy", "no_answer", "rejected") else "failed"
 
     @property
     def recorded(self) -> bool:

@@ -33,7 +33,7 @@ PUBLIC_TABLES = (
     "calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline", "timeline_marks",
     "hourly_concurrency", "lateness_histogram", "checkpoints",
 )
-OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures")
+OPERATOR_ONLY_QUERIES = ("rejections_by_error", "forwarding_failures", "find_calls")
 
 
 def metadata() -> dict:  # type: ignore[type-arg]

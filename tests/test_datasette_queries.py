@@ -135,19 +135,81 @@ def test_answer_and_ring_times(ds: Datasette, built: Built) -> None:
     assert rows["broadcast"]["ring_p95_s"] == approx(60.0)
 
 
+def test_time_to_answer_per_day(ds: Datasette, built: Built) -> None:
+    per_day: dict[str, list[float]] = defaultdict(list)
+    for call in built.reference.calls.values():
+        if call.answered is not None:
+            seconds = (call.answered - call.started).total_seconds()
+            per_day[utc_text(call.started)[:10]].append(seconds)
+    rows = ds.query("time_to_answer_per_day")
+    assert [r["day"] for r in rows] == sorted(per_day)
+    for row in rows:
+        values = per_day[row["day"]]
+        assert row["answered_calls"] == len(values)
+        assert row["average_s"] == approx(round(sum(values) / len(values), 1))
+        assert row["p50_s"] == approx(nearest_rank(values, 50))
+        assert row["p95_s"] == approx(nearest_rank(values, 95))
+    assert any(len(v) > 2 for v in per_day.values())
+    days = sorted(per_day)
+    since = ds.query("time_to_answer_per_day", since=days[1], until=days[-2])
+    assert [r["day"] for r in since] == days[1:-1]
+
+
+CALL_LEVEL = ("incomingcall", "initiated", "ringing", "connected", "disconnected", "failed")
+
+
+def numbers(call: RefCall) -> tuple[str, str]:
+    """Caller and called number: from the call's first call-level event that has them."""
+    for event in call.ordered:
+        raw = event.raw
+        if state_of(raw) in CALL_LEVEL and not playstate_of(raw) and raw.get("from"):
+            return str(raw["from"]), str(raw.get("to") or "")
+    return "", ""
+
+
+def test_find_calls(ds: Datasette, built: Built) -> None:
+    calls = built.reference.calls.values()
+
+    def found(**params: str) -> set[str]:
+        rows = ds.query("find_calls", token=OPERATOR_TOKEN, **params)
+        return {r["voice_id"] for r in rows}
+
+    def ending(digits: str) -> set[str]:
+        return {c.voice_id for c in calls if any(n.endswith(digits) for n in numbers(c))}
+
+    assert ending("5577") and len(ending("0001")) == 1
+    assert found(number="5577") == ending("5577")  # last digits
+    assert found(number="+91 98333-55577") == ending("919833355577")  # full, as written
+    assert found(number="0001") == ending("0001")
+    assert found(number="99999999999999") == set()
+    window = {c.voice_id for c in calls if "2024-03-14" <= day(c) <= "2024-03-15"}
+    assert found(since="2024-03-14", until="2024-03-15") == window
+    assert found(number="12345", since="2024-03-14", until="2024-03-15") == (
+        window & ending("12345")
+    )
+    # Personal data: anonymous visitors are refused, whatever they ask.
+    assert ds.get(f"/{ds.name}/find_calls.json", number="5577").status_code == 403
+    assert ds.get(f"/{ds.name}/find_calls", number="5577").status_code == 403
+
+
 def test_disconnect_reasons(ds: Datasette, built: Built) -> None:
     ended = [c for c in built.reference.calls.values() if c.final_state in TERMINAL]
-    reasons = Counter((c.disconnect_reason or "").strip() or "(none)" for c in ended)
-    answered = Counter(
-        (c.disconnect_reason or "").strip() or "(none)" for c in ended if c.answered is not None
-    )
+    reasons = Counter(c.normalised_reason or "(none)" for c in ended)
+    answered = Counter(c.normalised_reason or "(none)" for c in ended if c.answered is not None)
+    spellings: defaultdict[str, set[str]] = defaultdict(set)
+    for c in ended:
+        if c.disconnect_reason is not None:
+            spellings[c.normalised_reason or "(none)"].add(c.disconnect_reason)
     rows = ds.query("disconnect_reasons")
     assert {r["disconnect_reason"]: r["calls"] for r in rows} == reasons
     for row in rows:
         assert row["answered_calls"] == answered[row["disconnect_reason"]]
         assert row["share_pct"] == round(100.0 * row["calls"] / len(ended), 1)
+        raw = set(row["raw_spellings"].split(" | ")) if row["raw_spellings"] else set()
+        assert raw == spellings[row["disconnect_reason"]], row
     assert rows[0]["disconnect_reason"] == reasons.most_common(1)[0][0]
-    assert {"busy", "no_answer", "Normal Clearing", "(none)"} <= set(reasons)
+    assert {"busy", "no_answer", "normal_clearing", "(none)"} <= set(reasons)
+    assert "Normal Clearing" in spellings["normal_clearing"]
 
 
 def test_ivr_digits(ds: Datasette, built: Built) -> None:

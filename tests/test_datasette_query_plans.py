@@ -30,6 +30,7 @@ INDEXED = {
         "calls_ring_ms",
     },
     "disconnect_reasons": {"calls_ended"},
+    "time_to_answer_per_day": {"calls_answer_ms_by_day"},
     "ivr_prompt_outcomes": {"plays_prompt_ref"},
     "recording_coverage": {"calls_direction"},
 }

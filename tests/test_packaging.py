@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from analytics.datasette_app import METADATA_PATH, PLUGINS_DIR
+from analytics.datasette_app import METADATA_PATH, PLUGINS_DIR, TEMPLATES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +39,5 @@ def test_wheel_ships_metadata_and_datasette_plugins(tmp_path: Path) -> None:
     assert shipped_metadata == (ROOT / "metadata.yml").read_bytes() == METADATA_PATH.read_bytes()
     expected = {f"analytics/datasette_plugins/{p.name}" for p in PLUGINS_DIR.glob("*.py")}
     assert expected and expected <= plugins
+    templates = {f"analytics/templates/{p.name}" for p in TEMPLATES_DIR.glob("*.html")}
+    assert templates and templates <= names

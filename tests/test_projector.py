@@ -371,3 +371,26 @@ def test_projector_on_an_empty_or_new_database(tmp_path: Path) -> None:
     assert projector.lag(conn) == (0, 0)
     assert json.loads(json.dumps(snapshot(conn))) == {name: [] for name in snapshot(conn)}
     assert os.path.exists(tmp_path / "empty.db")
+
+
+def test_projections_of_an_older_shape_are_re_projected(tmp_path: Path) -> None:
+    """A database built before calls.disconnect_reason_normalised and the foreign keys to
+    calls existed: the projector drops the outdated tables and folds the log again."""
+    conn = open_log(str(tmp_path / "old.db"))
+    append_all(conn, synthetic_log(copies=4, seed=3))
+    projector.project_all(conn)
+    current = snapshot(conn)
+    old_calls = [c for c in tables.CALLS.column_names if c != "disconnect_reason_normalised"]
+    conn.execute("DROP TABLE calls")
+    conn.execute("DROP TABLE plays")
+    conn.execute(f"CREATE TABLE calls ({', '.join(old_calls)}, PRIMARY KEY (voice_id))")
+    conn.execute("CREATE TABLE plays (voice_id, play_id, prompt_ref)")  # no foreign key
+    conn.execute("INSERT INTO calls (voice_id) VALUES ('stale')")
+    assert tables.CALLS.shape_differs(conn) and tables.PLAYS.shape_differs(conn)
+    assert not tables.DTMF.shape_differs(conn)
+    projector.project_all(conn)
+    assert snapshot(conn) == current
+    assert not any(t.shape_differs(conn) for t in tables.PROJECTIONS)
+    keys = {(r["table"], r["from"]) for r in conn.execute("PRAGMA foreign_key_list(plays)")}
+    assert keys == {("calls", "voice_id")}
+    assert projector.lag(conn)[0] == projector.lag(conn)[1]

@@ -11,18 +11,20 @@ import re
 import shutil
 import subprocess
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.simulate.generator import DEMO_APP_ID, MIX, Simulation, generate
+from gateway.simulate.generator import DEMO_APP_ID, MIX, Simulation, generate, spread_starts
 from gateway.simulate.sender import (
     ALGORITHMS,
+    DEMO_MARGIN,
     ENCODINGS,
     FORMATS,
     WireOptions,
+    demo_simulation,
     event_json,
     render_request,
     run_demo,
@@ -96,6 +98,47 @@ def test_outcomes_cover_the_rules(sim: Simulation) -> None:
     for b in sim.broadcasts:
         answered = sum(1 for v in b.legs if by_id[v].duration_s is not None)
         assert (b.successful, b.failed) == (answered, len(b.legs) - answered)
+
+
+def test_spread_starts_follows_the_day_and_week() -> None:
+    start = datetime(2024, 4, 29, tzinfo=UTC)  # a Monday
+    end = start + timedelta(days=14)
+    offsets = spread_starts(2000, start, end, seed=3)
+    assert len(offsets) == 2000 and offsets == sorted(offsets)
+    assert offsets[0] >= 0 and offsets[-1] < 14 * 86_400_000
+    moments = [start + timedelta(milliseconds=ms) for ms in offsets]
+    per_day = Counter(m.date() for m in moments)
+    assert len(per_day) == 14
+    weekday = [n for d, n in per_day.items() if d.weekday() < 5]
+    weekend = [n for d, n in per_day.items() if d.weekday() >= 5]
+    assert min(weekday) > 2 * max(weekend)
+    business = sum(1 for m in moments if 9 <= m.hour < 17)
+    night = sum(1 for m in moments if m.hour < 6)
+    assert business > 0.5 * len(moments) and night < 0.05 * len(moments)
+    assert spread_starts(2000, start, end, seed=3) == offsets  # seeded
+    few = spread_starts(14, start, end, seed=1)  # as many calls as days: one each
+    assert len({(start + timedelta(milliseconds=ms)).date() for ms in few}) == 14
+
+
+def test_demo_spreads_fourteen_days_up_to_now_with_stuck_calls() -> None:
+    now = datetime(2024, 5, 15, 0, 10, tzinfo=UTC)  # just after midnight: today is short
+    demo = demo_simulation(300, seed=11, now=now)
+    assert len(demo.calls) == 300
+    starts: dict[str, datetime] = {}
+    for d in demo.deliveries:
+        vid = _voice_id(d.payload)
+        at = _time_of(d.payload)
+        assert at <= now - DEMO_MARGIN + timedelta(minutes=20), at  # nothing from the future
+        if vid is not None and (vid not in starts or at < starts[vid]):
+            starts[vid] = at
+    days = {at.date() for at in starts.values()}
+    assert len(days) == 14 and max(days) == (now - DEMO_MARGIN).date()
+    finals = Counter(c.final_state for c in demo.calls)
+    assert 0 < sum(1 for c in demo.calls if c.scenario == "inbound_stuck") <= 10
+    assert finals["connected"] >= 1  # the stuck ones never ended
+    answered = sum(1 for c in demo.calls if c.duration_s is not None)
+    assert 0.5 < answered / len(demo.calls) < 0.85
+    assert demo.redeliveries > 0
 
 
 def test_timestamps_strictly_increase_within_a_call(sim: Simulation) -> None:
@@ -269,7 +312,7 @@ def test_run_demo_plays_labelled_calls(tmp_path: Path) -> None:
     server = RunningServer(db, server_env(ENABLEX_APP_ID=DEMO_APP_ID)).start()
     try:
         url = server.url + "/webhooks/enablex"
-        report = run_demo(url, calls=30, seed=1, rate=600, time_scale=600)
+        report = run_demo(url, calls=30, seed=1)
         assert report.ok, report.summary()
         assert report.acknowledged == report.sent > 30
         import sqlite3

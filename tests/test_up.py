@@ -1,16 +1,39 @@
-"""`callgate up --demo`: the main job starts every part, shows demo data, stops on one signal."""
+"""`callgate up --demo-if-empty` (what `make run` starts on a fresh clone): every part starts,
+the demo history of the last 14 days reaches the dashboard (Chromium via Playwright reads
+the per-day charts), and one signal stops it all."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from gateway.simulate.sender import DEMO_MARGIN
 from tests.conftest import CALLGATE, free_port, server_env, wait_http
+from tests.helpers_browser import axis_labels, chromium, legend_labels, screenshot, watch_errors
+
+DEMO_CALLS = 300  # lean: the default is 1000, the pattern is the same
+PER_DAY_CHARTS = ("calls-per-day", "asr-ner", "acd", "time-to-answer")
+
+
+def _demo_projected(db: str) -> bool:
+    """All demo calls are in `calls` and the projector has caught up with the log."""
+    try:
+        with sqlite3.connect(db) as conn:
+            calls = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+            head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            done = conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM checkpoints WHERE name = 'projector'"
+            ).fetchone()[0]
+    except sqlite3.OperationalError:
+        return False
+    return calls >= DEMO_CALLS and done == head
 
 
 def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
@@ -20,29 +43,47 @@ def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
     env.pop("ENABLEX_APP_ID")
     proc = subprocess.Popen(
         [CALLGATE, "up", "--db", db, "--port", str(port), "--datasette-port", str(ds_port),
-         "--demo-if-empty"],
+         "--demo-if-empty", "--demo-calls", str(DEMO_CALLS)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc)
         wait_http(f"http://127.0.0.1:{ds_port}/", timeout=60, proc=proc)
-        deadline = time.monotonic() + 120
-        calls = 0
-        while time.monotonic() < deadline and calls < 100:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _demo_projected(db):
             time.sleep(1)
-            try:
-                with sqlite3.connect(db) as conn:
-                    calls = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
-            except sqlite3.OperationalError:
-                calls = 0
-        assert calls >= 100, "the demo traffic did not reach the calls projection"
+        assert _demo_projected(db), "the demo traffic did not reach the calls projection"
         answer = httpx.get(f"http://127.0.0.1:{ds_port}/up/calls.json?_shape=array",
                            timeout=10)
         assert answer.status_code == 200 and len(answer.json()) > 0
+        now = datetime.now(UTC)
+        days = [(now - DEMO_MARGIN - timedelta(days=n)).date().isoformat()
+                for n in range(13, -1, -1)]  # fmt: skip
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors, failed = watch_errors(page)
+            page.goto(f"http://127.0.0.1:{ds_port}/-/dashboards/calls-overview")
+            selector = ", ".join(f"#chart-{slug} svg" for slug in PER_DAY_CHARTS)
+            page.wait_for_function(
+                f"document.querySelectorAll({selector!r}).length >= {len(PER_DAY_CHARTS)}",
+                timeout=30_000,
+            )
+            for slug in PER_DAY_CHARTS:  # 14 days of history on every per-day chart
+                assert axis_labels(page, slug) == days, slug
+            # Normalised reasons: NO_ANSWER, No Answer and no_answer make one slice.
+            reasons = legend_labels(page, "disconnect-mix")
+            assert "no_answer" in reasons and "busy" in reasons
+            assert len(reasons) == len(set(reasons))
+            assert not {"NO_ANSWER", "No Answer", "User Busy"} & set(reasons)
+            page.wait_for_timeout(300)  # Vega's last paint
+            screenshot(page, "dashboard-demo", docs_name="screenshot-dashboard.png")
+            assert errors == [] and failed == [], (errors, failed)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
     assert proc.returncode == 0, output[-2000:]
+    sent = re.search(r"demo traffic sent \((\d+) of (\d+) webhooks accepted\)", output)
+    assert sent and sent.group(1) == sent.group(2), output[-2000:]
     # Every child is gone with the parent.
     for check_port in (port, ds_port):
         try:

@@ -7,6 +7,7 @@ import click
 from gateway.cli.log import _open
 from gateway.cli.options import check_keys, db_option
 from gateway.db import log_head
+from gateway.simulate.sender import DEMO_CALLS
 
 
 @click.command("up")
@@ -15,9 +16,16 @@ from gateway.db import log_head
 @click.option("--port", default=8000, show_default=True, type=int, help="Gateway port.")
 @click.option("--datasette-port", default=8001, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="Gateway workers.")
-@click.option("--demo", is_flag=True, help="Play a few hundred simulated calls (demo app id).")
+@click.option(
+    "--demo", is_flag=True,
+    help="Play simulated calls of the last 14 days (demo app id) into the gateway.",
+)
 @click.option(
     "--demo-if-empty", is_flag=True, help="Like --demo, but only when the log has no events."
+)
+@click.option(
+    "--demo-calls", default=DEMO_CALLS, show_default=True, type=click.IntRange(min=1),
+    help="How many demo calls --demo plays.",
 )
 @click.option("--no-forward", is_flag=True, help="Do not start the forwarder.")
 @click.option(
@@ -34,6 +42,7 @@ def up(
     workers: int,
     demo: bool,
     demo_if_empty: bool,
+    demo_calls: int,
     no_forward: bool,
     replica_url: str | None,
 ) -> None:
@@ -96,12 +105,13 @@ def up(
     )
     if play_demo:
         threading.Thread(
-            target=_play_demo, args=(f"http://{host}:{port}", supervisor), daemon=True
+            target=_play_demo, args=(f"http://{host}:{port}", supervisor, demo_calls),
+            daemon=True,
         ).start()
     raise SystemExit(supervisor.wait())
 
 
-def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-def]
+def _play_demo(base_url: str, supervisor, calls: int) -> None:  # type: ignore[no-untyped-def]
     """Wait for the gateway, then send the labelled demo traffic into it."""
     import time
 
@@ -118,7 +128,9 @@ def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-de
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
-    click.echo("callgate up: playing demo calls (app id label: demo) ...")
+    click.echo(f"callgate up: playing {calls} demo calls of the last 14 days (app id label: "
+               "demo) ...")
     token = Config.from_env().webhook_token
-    run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""))
-    click.echo("callgate up: demo traffic sent")
+    report = run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""), calls)
+    click.echo(f"callgate up: demo traffic sent ({report.acknowledged} of {report.planned} "
+               "webhooks accepted)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -568,6 +568,14 @@ class _Gen:
         c.disconnect(rng.choice(["remote_hangup", "Normal Clearing"]))
         return [c]
 
+    def stuck(self, start_ms: int) -> list[_Call]:
+        """Inbound call answered and greeted, then its hang-up webhook never arrived: the call
+        stays `connected` with no news (what the stuck_calls query is for)."""
+        c = self.inbound("inbound_stuck", start_ms)
+        self.answer(c)
+        c.prompt(self.rng.choice(["welcome_prompt", "1"]), 2, 7)
+        return [c]
+
     def abandoned(self, start_ms: int) -> list[_Call]:
         """Inbound caller hangs up before the app answers: never connected."""
         c = self.inbound("inbound_abandoned", start_ms)
@@ -824,7 +832,80 @@ def _scenario_fn(gen: _Gen, name: str) -> Callable[[int], list[_Call]]:
         "outbound_busy": gen.busy,
         "outbound_no_answer": gen.no_answer,
         "inbound_abandoned": gen.abandoned,
+        "inbound_stuck": gen.stuck,
     }[name]
+
+
+# `callgate up --demo`: more calls nobody answers than the everyday mix (outbound ASR of a
+# real campaign is nearer 60 % than 90 %), and a few calls whose hang-up never arrived.
+DEMO_MIX: dict[str, int] = {
+    **MIX,
+    "outbound_busy": 10,
+    "outbound_no_answer": 14,
+    "inbound_abandoned": 6,
+    "inbound_stuck": 1,
+}
+
+# When demo calls start (UTC hours; weekdays Monday first): busiest 09:00-17:00, tailing
+# off in the evening, a trickle at night; Saturday about a third of a weekday, Sunday a fifth.
+HOURLY_WEIGHTS: tuple[float, ...] = (
+    1, 1, 1, 1, 1, 2, 4, 8, 14, 20, 22, 21, 18, 20, 21, 20, 17, 12, 8, 6, 4, 3, 2, 1,
+)  # fmt: skip
+WEEKDAY_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 0.95, 0.35, 0.2)
+_HOUR_MS = 3_600_000
+
+
+def spread_starts(
+    calls: int,
+    start: datetime,
+    end: datetime,
+    *,
+    seed: int,
+    hourly: tuple[float, ...] = HOURLY_WEIGHTS,
+    weekday: tuple[float, ...] = WEEKDAY_WEIGHTS,
+) -> list[int]:
+    """Start offsets (ms after `start`, sorted) of `calls` calls between `start` and `end`:
+    shared out per UTC day by its weekday's weight times the hours it has in the window,
+    ±15 % (every day gets at least one call when there are enough calls), then placed in an hour
+    by the hourly weights, at a uniform moment within it. Pure and seeded."""
+    if calls < 0 or len(hourly) != 24 or len(weekday) != 7:
+        raise ValueError("calls must be >= 0, with 24 hourly and 7 weekday weights")
+    start, end = start.astimezone(UTC), end.astimezone(UTC)
+    span_ms = int((end - start).total_seconds() * 1000)
+    if calls == 0 or span_ms <= 0:
+        return [] if calls == 0 else [0] * calls
+    rng = random.Random(seed)
+    # (day, offset of the hour's first ms, usable ms in it, weight), hour by hour
+    hours: list[tuple[str, int, int, float]] = []
+    at = start.replace(minute=0, second=0, microsecond=0)
+    while at < end:
+        lo = max(0, int((at - start).total_seconds() * 1000))
+        hi = min(span_ms, int((at - start).total_seconds() * 1000) + _HOUR_MS)
+        if hi > lo:
+            weight = weekday[at.weekday()] * hourly[at.hour] * (hi - lo) / _HOUR_MS
+            hours.append((at.date().isoformat(), lo, hi - lo, weight))
+        at += timedelta(hours=1)
+    days: dict[str, list[tuple[str, int, int, float]]] = {}
+    for hour in hours:
+        days.setdefault(hour[0], []).append(hour)
+    floor = 1 if calls >= len(days) else 0
+    # Days differ a little beyond their weekday (±15 %), as real ones do.
+    weights = {
+        day: sum(h[3] for h in day_hours) * rng.uniform(0.85, 1.15)
+        for day, day_hours in days.items()
+    }
+    total = sum(weights.values()) or 1.0
+    spare = calls - floor * len(days)
+    shares = {day: spare * w / total for day, w in weights.items()}
+    counts = {day: floor + int(share) for day, share in shares.items()}
+    by_remainder = sorted(days, key=lambda d: (shares[d] - int(shares[d]), d), reverse=True)
+    for day in by_remainder[: calls - sum(counts.values())]:
+        counts[day] += 1
+    offsets: list[int] = []
+    for day, day_hours in days.items():
+        picked = rng.choices(day_hours, weights=[h[3] for h in day_hours], k=counts[day])
+        offsets.extend(lo + rng.randrange(usable) for _, lo, usable, _ in picked)
+    return sorted(offsets)
 
 
 def generate(
@@ -837,17 +918,22 @@ def generate(
     reorder: float = 0.0,
     owner_ref: str = "callgate-sim",
     mix: dict[str, int] | None = None,
+    starts_ms: Sequence[int] | None = None,
 ) -> Simulation:
     """Generate exactly `calls` calls (broadcast legs included) and their deliveries.
 
     `start` is floored to the minute (so the docs' minute-only timestamps can be exact);
-    call starts follow a Poisson process with mean gap `arrival_gap_s` (event time).
+    call starts follow a Poisson process with mean gap `arrival_gap_s` (event time), or,
+    with `starts_ms` (one sorted offset from `start` per call, e.g. from `spread_starts`),
+    start there (a broadcast's legs take the offsets of as many calls).
     `duplicates`: chance that an event is delivered a second time, identical, a few
     seconds later. `reorder`: chance that an event swaps sending order with the call's
     next one (timestamps unchanged).
     """
     if calls < 0:
         raise ValueError("calls must be >= 0")
+    if starts_ms is not None and len(starts_ms) != calls:
+        raise ValueError("starts_ms needs one offset per call")
     for name, p in (("duplicates", duplicates), ("reorder", reorder)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1")
@@ -861,7 +947,7 @@ def generate(
     broadcasts: list[BroadcastTruth] = []
     t = 0.0
     while len(built) < calls:
-        start_ms = int(t * 1000)
+        start_ms = int(t * 1000) if starts_ms is None else starts_ms[len(built)]
         name = rng.choices(names, weights=[weights[n] for n in names])[0]
         if name == "broadcast":
             legs = min(rng.randint(2, 6), calls - len(built))

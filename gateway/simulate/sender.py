@@ -24,7 +24,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from gateway.simulate.generator import DEMO_APP_ID, Delivery, Simulation, generate
+from gateway.simulate.generator import (
+    DEMO_APP_ID,
+    DEMO_MIX,
+    Delivery,
+    Simulation,
+    generate,
+    spread_starts,
+)
 from gateway.wire.crypto import encrypt_event
 
 __all__ = [
@@ -281,27 +288,45 @@ def write_truth(sim: Simulation, path: str | Path) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# The demo's history ends this long before now, so every call it plays has ended (or
+# gone quiet, for the stuck ones) by the time it is sent: no event time lies in the future.
+DEMO_MARGIN = timedelta(minutes=30)
+DEMO_CALLS = 1000
+DEMO_DAYS = 14
+
+
+def demo_simulation(
+    calls: int, *, seed: int, now: datetime, days: int = DEMO_DAYS
+) -> Simulation:
+    """The demo's calls spread over the last `days` UTC days up to `now` (today included,
+    up to DEMO_MARGIN ago), with a business-hours and weekday pattern, the demo mix (some
+    stuck calls among them) and a few redelivered and reordered webhooks."""
+    if days < 1:
+        raise ValueError("days must be >= 1")
+    end = now.astimezone(UTC) - DEMO_MARGIN
+    start = end.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=days - 1)
+    starts = spread_starts(calls, start, end, seed=seed)
+    return generate(
+        calls, seed=seed, start=start, starts_ms=starts, mix=DEMO_MIX,
+        owner_ref="callgate-demo", duplicates=0.01, reorder=0.03,
+    )  # fmt: skip
+
+
 def run_demo(
     url: str,
-    calls: int = 300,
+    calls: int = DEMO_CALLS,
     app_id: str = DEMO_APP_ID,
     *,
     seed: int | None = None,
+    days: int = DEMO_DAYS,
     concurrency: int = 8,
-    rate: float = 25.0,
-    time_scale: float = 60.0,
     on_done: Callable[[], None] | None = None,
 ) -> SendReport:
-    """Play `calls` demo calls (owner_ref `callgate-demo`) into the gateway at `url`."""
+    """Play `calls` demo calls (owner_ref `callgate-demo`) of the last `days` days into the
+    gateway at `url`, as fast as it takes them: it is history, already over."""
     seed = secrets.randbits(32) if seed is None else seed
-    sim = backdated_simulation(
-        calls, seed=seed, arrival_gap_s=arrival_gap(rate, time_scale), owner_ref="callgate-demo"
-    )
+    sim = demo_simulation(calls, seed=seed, now=datetime.now(UTC), days=days)
     return send_simulation(
-        sim,
-        url,
-        WireOptions(app_id=app_id),
-        concurrency=concurrency,
-        time_scale=time_scale,
+        sim, url, WireOptions(app_id=app_id), concurrency=concurrency, time_scale=None,
         on_done=on_done,
-    )
+    )  # fmt: skip
