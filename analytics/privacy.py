@@ -29,6 +29,7 @@ DEFAULT_POLICY = MASKED
 MENU_KEYS = 2  # digit strings this short are menu choices: the IVR analytics need them
 _KEPT_DIGITS = 3  # a masked number keeps its last 3 digits
 _MIN_MASKED_LENGTH = 7  # shorter numbers keep no digit at all
+_NOT_A_NUMBER = "***"  # a SIP address or a name: nothing of it, not even its length
 _INTERNATIONAL_LENGTH = 11  # EnableX sends E.164 without "+": 91 98200 12345
 # ITU-T E.164 country codes of one and two digits (every other code has three); the set
 # is prefix-free, so the first match is the country code.
@@ -61,15 +62,17 @@ def mask_number(value: Any) -> str | None:
         return None
     text = str(value).strip()
     digits = "".join(ch for ch in text if ch.isdigit())
-    if not digits:
-        return "*" * min(len(text), 8) if text else text
-    if any(ch.isalpha() for ch in text) or len(digits) < _MIN_MASKED_LENGTH:
-        return "*" * len(digits)
+    if not text:
+        return text
+    if not digits or any(ch.isalpha() for ch in text):
+        return _NOT_A_NUMBER
     international = text.startswith(("+", "00")) or (
         len(digits) >= _INTERNATIONAL_LENGTH and not digits.startswith("0")
     )
     if text.startswith("00"):
         digits = digits[2:]
+    if len(digits) < _MIN_MASKED_LENGTH:
+        return "*" * len(digits)
     country = ""
     if international:
         for size in (1, 2, 3):
