@@ -45,6 +45,8 @@ _COUNTRY_CODES = frozenset(
 # segment (…/voice/v1/recording/<app id>/<file>).
 _APP_ID_SHAPE = re.compile(r"[0-9a-fA-F]{24}")
 _RECORDING_SEGMENTS = frozenset({"recording", "recordings"})
+# Keys of a broadcast_call_info entry that hold a phone number.
+_NUMBER_KEYS = frozenset({"to", "from", "to_number", "from_number", "number", "caller_id"})
 
 
 def check_policy(policy: str) -> str:
@@ -115,13 +117,15 @@ def strip_app_id(url: Any) -> str | None:
     return urlunsplit((parts.scheme, netloc, "/".join(segments), query, ""))
 
 
-def _loads(text: str | None) -> Any:
-    if text is None or text == "[]":
-        return None
+def _json_list(text: str | None) -> list[Any] | None:
+    """The JSON array in `text`, or None for anything else (published as nothing)."""
+    if text == "[]":
+        return []
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text) if text is not None else None
     except orjson.JSONDecodeError:
         return None
+    return value if isinstance(value, list) else None
 
 
 def _dumps(value: Any) -> str:
@@ -145,9 +149,11 @@ def public_digits(value: Any, policy: str) -> Any:
 
 def public_digit_list(value: str | None, policy: str) -> str | None:
     """A JSON array of digit strings: each element as public_digits (the count stays)."""
-    items = _loads(value)
-    if policy == FULL or not isinstance(items, list):
+    if policy == FULL:
         return value
+    items = _json_list(value)
+    if not items:
+        return value if items == [] else None
     return _dumps([public_digits(item, policy) for item in items])
 
 
@@ -162,18 +168,22 @@ def public_url(value: Any, policy: str) -> Any:
 
 def public_call_info(value: str | None, policy: str) -> str | None:
     """broadcast_call_info (JSON array of {voice_id, to, state, …}): numbers as public_number."""
-    items = _loads(value)
-    if policy == FULL or not isinstance(items, list):
+    if policy == FULL:
         return value
-    out = []
-    for item in items:
-        if isinstance(item, dict):
-            item = {
-                key: public_number(val, policy) if key in ("to", "from") else val
+    items = _json_list(value)
+    if not items:
+        return value if items == [] else None
+    return _dumps(
+        [
+            {
+                key: public_number(val, policy) if key in _NUMBER_KEYS else val
                 for key, val in item.items()
             }
-        out.append(item)
-    return _dumps(out)
+            if isinstance(item, dict)
+            else None
+            for item in items
+        ]
+    )
 
 
 KINDS: dict[str, Callable[[Any, str], Any]] = {

@@ -62,6 +62,9 @@ def test_digits_urls_and_texts_by_policy() -> None:
     assert json.loads(privacy.public_call_info(info, "masked")) == [
         {"voice_id": "v1", "to": "+91*******011", "state": "completed"}
     ]
+    assert privacy.public_call_info("{not json", "masked") is None  # unknown: nothing shown
+    assert privacy.public_digit_list('"12345"', "masked") is None
+    assert privacy.public_digit_list("[]", "hidden") == "[]"
     with pytest.raises(ValueError, match="masked, hidden, full"):
         privacy.check_policy("mask")
 
