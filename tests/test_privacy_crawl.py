@@ -54,15 +54,15 @@ class Secrets:
     speech: frozenset[str]
 
     def pattern(self) -> re.Pattern[str]:
-        """One regex for all of them (a page is searched once): a number not inside a
+        """One regex for all of them (a page is searched once, lower-cased): a number not in a
         longer digit run; keyed digits not inside a run of digits or letters (12345 is a
         PIN, the tail of 919820012345 is not, nor is a stretch of a hex hash)."""
         keyed = {"".join(ch for ch in d if ch.isdigit()) for d in self.digits}
-        alternatives = [re.escape(self.app_id)]
+        alternatives = [re.escape(self.app_id.lower())]
         alternatives += [rf"(?<!\d){re.escape(n)}(?!\d)" for n in sorted(self.numbers)]
         alternatives += [rf"(?<![0-9a-z]){re.escape(d)}(?![0-9a-z])" for d in sorted(keyed)]
-        alternatives += [re.escape(t) for t in sorted(self.speech)]
-        return re.compile("|".join(alternatives), re.IGNORECASE)
+        alternatives += [re.escape(t.lower()) for t in sorted(self.speech)]
+        return re.compile("|".join(alternatives))  # matched against lower-cased text
 
 
 def _numbers_in(raw: dict[str, Any]) -> Iterable[str]:
@@ -97,9 +97,9 @@ def corpus_secrets() -> Secrets:
 
 def findings(text: str, pattern: re.Pattern[str], hidden_path: str) -> list[str]:
     """Every forbidden thing in one page's text (raw and HTML-unescaped)."""
-    seen = text + "\n" + html.unescape(text) if "&" in text else text
+    seen = (text + "\n" + html.unescape(text) if "&" in text else text).lower()
     found = sorted({m.group(0) for m in pattern.finditer(seen)})
-    if hidden_path in seen:
+    if hidden_path.lower() in seen:
         found.append("the database path")
     return found
 
