@@ -147,14 +147,20 @@ def public_digits(value: Any, policy: str) -> Any:
     return mask_digits(value) if policy == MASKED else None
 
 
-def public_digit_list(value: str | None, policy: str) -> str | None:
-    """A JSON array of digit strings: each element as public_digits (the count stays)."""
+def _public_list(value: str | None, policy: str, form: Callable[[Any], Any]) -> str | None:
+    """A JSON array column with each element in its public form (the count stays); one
+    of any other shape is published as nothing."""
     if policy == FULL:
         return value
     items = _json_list(value)
     if not items:
         return value if items == [] else None
-    return _dumps([public_digits(item, policy) for item in items])
+    return _dumps([form(item) for item in items])
+
+
+def public_digit_list(value: str | None, policy: str) -> str | None:
+    """A JSON array of digit strings: each element as public_digits."""
+    return _public_list(value, policy, lambda item: public_digits(item, policy))
 
 
 def public_text(value: Any, policy: str) -> Any:
@@ -168,22 +174,13 @@ def public_url(value: Any, policy: str) -> Any:
 
 def public_call_info(value: str | None, policy: str) -> str | None:
     """broadcast_call_info (JSON array of {voice_id, to, state, …}): numbers as public_number."""
-    if policy == FULL:
-        return value
-    items = _json_list(value)
-    if not items:
-        return value if items == [] else None
-    return _dumps(
-        [
-            {
-                key: public_number(val, policy) if key in _NUMBER_KEYS else val
-                for key, val in item.items()
-            }
-            if isinstance(item, dict)
-            else None
-            for item in items
-        ]
-    )
+
+    def entry(item: Any) -> Any:
+        if not isinstance(item, dict):
+            return None
+        return {k: public_number(v, policy) if k in _NUMBER_KEYS else v for k, v in item.items()}
+
+    return _public_list(value, policy, entry)
 
 
 KINDS: dict[str, Callable[[Any, str], Any]] = {
