@@ -19,7 +19,7 @@ from analytics.datasette_app import METADATA_MODE, write_metadata
 from gateway.config import Config
 from gateway.db import PRIVATE_FILE_MODE, connect
 from gateway.forward.subscriptions import SecretStore
-from gateway.log import eventlog
+from gateway.log import eventlog, keystore, sealing
 from gateway.log.intake import UNREAD_BODY_CAP
 from gateway.web.app import tokens_match
 from tests.conftest import CALLGATE, RunningServer, server_env
@@ -89,7 +89,8 @@ def test_reprocess_never_promotes_a_request_refused_before_interpretation(
         "bad_token", "bad_token", "method_not_allowed", "method_not_allowed", "bad_decrypt",
     ]  # fmt: skip
     unread = rows[1]  # refused for authentication: metadata and the start of the body only
-    assert len(unread["body"]) == UNREAD_BODY_CAP < unread["body_size"] == len(padded)
+    kept = sealing.Opener(keystore.for_database(conn)).body(unread["body"])
+    assert kept == padded[:UNREAD_BODY_CAP] and unread["body_size"] == len(padded)
     assert unread["body_truncated"] == 1
     conn.close()
 
