@@ -31,6 +31,7 @@ METADATA_DB_NAME = "callgate"
 TOKEN_ENV = DATASETTE_TOKEN_ENV
 OPERATOR_ID = "operator"
 MIN_TOKEN_LENGTH = 16
+METADATA_MODE = 0o640
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 # Settings passed on every start: no downloads of the whole file (it holds raw
@@ -111,7 +112,11 @@ def write_metadata(
     target.parent.mkdir(parents=True, exist_ok=True)
     rendered = render_metadata(load_metadata(source), database_name(db), token_configured)
     tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rendered, indent=2, sort_keys=False), encoding="utf-8")
+    # Created readable by owner and group only, whatever the umask allows.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, METADATA_MODE)
+    os.fchmod(fd, METADATA_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(rendered, indent=2, sort_keys=False))
     os.replace(tmp, target)
     return target
 

@@ -271,11 +271,16 @@ def _normalise_reason_text(reason: str) -> str | None:
 
 
 def timeline_row(ev: Event, position: int, cls: str, late: bool) -> Row:
-    """One event as the timeline view shows it (the fold's definition of that view)."""
+    """One event as the timeline view shows it (the fold's definition of that view). Digits
+    and text are those of the event's dtmf and speech rows: the view joins them from there
+    (in their public or cleartext form), never from the payload."""
+    state = ev["state"]
+    keyed = cls == "dtmf" or (cls == "play" and state == "digitcollected")
     return (
         ev["seq"], ev.get("voice_id"), ev.get("broadcast_id"), position, ev["occurred_at"],
-        ev.get("received_at"), cls, ev["state"], ev.get("play_id"), ev.get("prompt_ref"),
-        None, None, _reason(ev), 1 if late else 0,  # digits, text: sealed in the log
+        ev.get("received_at"), cls, state, ev.get("play_id"), ev.get("prompt_ref"),
+        ev.get("digits") if keyed else None, ev.get("text") if cls == "speech" else None,
+        _reason(ev), 1 if late else 0,
     )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from analytics import folds, tables
+from analytics import folds, privacy, tables
 from gateway.config import Config
 from gateway.db import connect, log_head_seq, transaction, utc_now
 from gateway.log import eventlog, keystore, sealing
@@ -75,7 +75,11 @@ _ALL_BROADCAST_EVENTS = (
     _BROADCAST_COLUMNS
     + "WHERE broadcast_id IS NOT NULL AND seq <= ? ORDER BY broadcast_id, occurred_at, seq"
 )
-_PER_CALL_TABLES = (tables.CALLS, tables.PLAYS, tables.RECORDINGS, tables.DTMF, tables.SPEECH)
+_PER_CALL_TABLES = tuple(
+    table
+    for public in (tables.CALLS, tables.PLAYS, tables.RECORDINGS, tables.DTMF, tables.SPEECH)
+    for table in (public, tables.PRIVATE[public.name])
+)
 
 
 def _cursor(conn: sqlite3.Connection) -> sqlite3.Cursor:
@@ -176,34 +180,49 @@ def load_broadcast(
 
 
 class _Rows:
-    """Rows waiting to be written, grouped per table, flushed with executemany."""
+    """Rows waiting to be written, grouped per table, flushed with executemany.
 
-    def __init__(self) -> None:
-        self.calls: list[folds.Row] = []
-        self.plays: list[folds.Row] = []
-        self.recordings: list[folds.Row] = []
-        self.dtmf: list[folds.Row] = []
-        self.speech: list[folds.Row] = []
-        self.broadcasts: list[folds.Row] = []
-        self.marks: list[folds.Row] = []
+    Every row of a table with personal columns is split on the way in: its public form
+    (the `policy` of analytics/privacy.py) for the public table, the cleartext for the
+    operator-only `<table>_private`. Rebuild and incremental projection both come
+    through here, so both store the same forms."""
+
+    def __init__(self, policy: str | None = None) -> None:
+        policy = resolve_policy(policy)
+        self.pending: dict[str, list[folds.Row]] = {t.name: [] for t in tables.PROJECTIONS}
+        self.split = {
+            t.name: privacy.Splitter(
+                t.column_names, t.primary_key, tables.PERSONAL[t.name], policy
+            )
+            for t in tables.PUBLIC_WITH_PRIVATE
+        }
+
+    def _add(self, table: tables.Table, rows: Iterable[folds.Row]) -> None:
+        split = self.split[table.name]
+        public = self.pending[table.name]
+        private = self.pending[table.name + tables.PRIVATE_SUFFIX]
+        for row in rows:
+            shown, kept = split(row)
+            public.append(shown)
+            private.append(kept)
 
     def add_call(self, rows: folds.CallRows) -> None:
-        self.calls.append(rows.call)
+        self._add(tables.CALLS, (rows.call,))
         if rows.plays:
-            self.plays.extend(rows.plays)
+            self._add(tables.PLAYS, rows.plays)
         if rows.recordings:
-            self.recordings.extend(rows.recordings)
+            self._add(tables.RECORDINGS, rows.recordings)
         if rows.dtmf:
-            self.dtmf.extend(rows.dtmf)
+            self._add(tables.DTMF, rows.dtmf)
         if rows.speech:
-            self.speech.extend(rows.speech)
+            self._add(tables.SPEECH, rows.speech)
         if rows.marks:
-            self.marks.extend(rows.marks)
+            self.pending[tables.TIMELINE_MARKS.name].extend(rows.marks)
 
     def add_broadcast(self, rows: folds.BroadcastRows) -> None:
-        self.broadcasts.append(rows.broadcast)
+        self._add(tables.BROADCASTS, (rows.broadcast,))
         if rows.marks:
-            self.marks.extend(rows.marks)
+            self.pending[tables.TIMELINE_MARKS.name].extend(rows.marks)
 
     def flush(
         self, conn: sqlite3.Connection, into: Callable[[tables.Table], str] | None = None
@@ -211,15 +230,8 @@ class _Rows:
         """executemany every pending row into its table (or the table `into` names);
         returns the tables that got rows."""
         filled = []
-        for table, rows in (
-            (tables.CALLS, self.calls),
-            (tables.PLAYS, self.plays),
-            (tables.RECORDINGS, self.recordings),
-            (tables.DTMF, self.dtmf),
-            (tables.SPEECH, self.speech),
-            (tables.BROADCASTS, self.broadcasts),
-            (tables.TIMELINE_MARKS, self.marks),
-        ):
+        for table in tables.PROJECTIONS:
+            rows = self.pending[table.name]
             if rows:
                 sql = table.insert_sql if into is None else table.insert_sql_into(into(table))
                 conn.executemany(sql, rows)
@@ -228,8 +240,16 @@ class _Rows:
         return filled
 
 
-def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
+def resolve_policy(policy: str | None) -> str:
+    """The privacy policy to project with: the one given, else CALLGATE_PUBLIC_PII."""
+    return privacy.check_policy(policy if policy is not None else Config.from_env().public_pii)
+
+
+def project_once(
+    conn: sqlite3.Connection, batch: int = DEFAULT_BATCH, policy: str | None = None
+) -> int:
     """Project up to `batch` new events; returns how many were consumed (0 = caught up).
+    `policy`: the public form of personal data (default: CALLGATE_PUBLIC_PII).
 
     Folding happens in a read snapshot; the write transaction only swaps rows and
     moves the checkpoint, after checking nobody else moved it meanwhile (then it
@@ -237,6 +257,7 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
     """
     ensure_tables(conn)
     unseal = opener(conn)
+    policy = resolve_policy(policy)
     while True:
         # Keys destroyed by `callgate erase` since the last batch leave the cache now; an
         # erasure during the fold is caught before writing (the epoch moved): fold again.
@@ -258,7 +279,7 @@ def project_once(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
                 return 0
             voice_ids = sorted({row[1] for row in new if row[1] is not None})
             broadcast_ids = sorted({row[2] for row in new if row[2] is not None})
-            pending = _fold(conn, voice_ids, broadcast_ids, unseal)
+            pending = _fold(conn, voice_ids, broadcast_ids, unseal, policy)
         finally:
             conn.execute("COMMIT")  # ends the read snapshot
 
@@ -286,9 +307,10 @@ def _fold(
     voice_ids: Iterable[str],
     broadcast_ids: Iterable[str],
     unseal: sealing.Opener,
+    policy: str | None = None,
 ) -> _Rows:
     """Fold these calls and broadcasts from all of their logged events."""
-    pending = _Rows()
+    pending = _Rows(policy)
     for voice_id in voice_ids:
         events = load_call(conn, voice_id, unseal)
         if events:
@@ -321,13 +343,17 @@ def _delete(conn: sqlite3.Connection, voice_ids: list[str], broadcast_ids: list[
         conn.executemany(f'DELETE FROM "{table.name}" WHERE voice_id = ?', call_keys)
     keys = [(broadcast_id,) for broadcast_id in broadcast_ids]
     conn.executemany("DELETE FROM broadcasts WHERE broadcast_id = ?", keys)
+    conn.executemany("DELETE FROM broadcasts_private WHERE broadcast_id = ?", keys)
     conn.executemany("DELETE FROM timeline_marks WHERE voice_id IS NULL AND broadcast_id = ?", keys)
 
 
-def project_all(conn: sqlite3.Connection, batch: int = DEFAULT_BATCH) -> int:
+def project_all(
+    conn: sqlite3.Connection, batch: int = DEFAULT_BATCH, policy: str | None = None
+) -> int:
     """Project until caught up with the log; returns the number of events consumed."""
     total = 0
-    while n := project_once(conn, batch):
+    policy = resolve_policy(policy)
+    while n := project_once(conn, batch, policy):
         total += n
     return total
 
@@ -338,6 +364,7 @@ def follow(
     stop_event: threading.Event | None = None,
     batch: int = DEFAULT_BATCH,
     on_batch: Callable[[int], None] | None = None,
+    policy: str | None = None,
 ) -> int:
     """Poll the log and project new events until stopped; returns events consumed.
 
@@ -345,6 +372,7 @@ def follow(
     thread (`callgate project --follow`, a subprocess of `callgate up`), or when
     `stop_event` is set (tests run it in a thread).
     """
+    policy = resolve_policy(policy)
     stop = stop_event if stop_event is not None else threading.Event()
     restore = stop_on_signals(stop)
     conn = connect(db_path, synchronous="NORMAL")
@@ -352,7 +380,7 @@ def follow(
     try:
         while not stop.is_set():
             try:
-                n = project_once(conn, batch)
+                n = project_once(conn, batch, policy)
             except sqlite3.OperationalError as exc:  # e.g. busy beyond the timeout: retry
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
@@ -507,12 +535,13 @@ def _fold_calls(
     lo: str | None = None,
     hi: str | None = None,
     progress: Callable[[int], None] = lambda done: None,
+    policy: str | None = None,
 ) -> None:
     """Fold every call with lo <= voice_id < hi, as of `head`, into the staging tables."""
     unseal = opener(reader)
     unseal.store.preload()  # every call is opened: one read of the key store, not one per call
     sql, params = _calls_query(lo, hi)
-    pending = _Rows()
+    pending = _Rows(policy)
     fold_call = folds.fold_call
     add_call = pending.add_call
     grouped = _grouped(_cursor(reader), sql, [*params, head], progress, unseal)
@@ -523,9 +552,11 @@ def _fold_calls(
     stager.write(pending)
 
 
-def _fold_broadcasts(reader: sqlite3.Connection, stager: _Stager, head: int) -> None:
+def _fold_broadcasts(
+    reader: sqlite3.Connection, stager: _Stager, head: int, policy: str | None = None
+) -> None:
     """Fold every broadcast, as of `head`, into the staging tables (a few rows: one chunk)."""
-    pending = _Rows()
+    pending = _Rows(policy)
     unseal = opener(reader)
     rows = _cursor(reader).execute(_ALL_BROADCAST_EVENTS, (head,))
     for _, group in itertools.groupby(rows, key=operator.itemgetter(0)):
@@ -593,16 +624,23 @@ class _Workers:
             raise
 
     def start(
-        self, path: str, head: int, ranges: list[tuple[str | None, str | None]], keys: str
+        self,
+        path: str,
+        head: int,
+        ranges: list[tuple[str | None, str | None]],
+        keys: str,
+        policy: str,
     ) -> None:
         """Give each worker its voice_id range (and the key store's file: the master key,
-        if any, comes with the environment); workers left without one just exit."""
+        if any, comes with the environment) and the privacy policy; workers left without
+        one just exit."""
         self.assigned = min(len(ranges), len(self.procs))
         for index, proc in enumerate(self.procs):
             assert proc.stdin is not None
             if index < self.assigned:
                 lo, hi = ranges[index]
-                job = {"db": path, "lo": lo, "hi": hi, "head": head, "keys": keys}
+                job = {"db": path, "lo": lo, "hi": hi, "head": head, "keys": keys,
+                       "policy": policy}  # fmt: skip
                 proc.stdin.write(json.dumps(job).encode() + b"\n")
             proc.stdin.close()
 
@@ -703,7 +741,10 @@ def _worker_main() -> int:
         # Its reader's snapshot pins the WAL anyway: the parent checkpoints after the swap.
         writer.execute("PRAGMA wal_autocheckpoint = 0")
         stager = _Stager(writer, chunked=True, parent=parent)
-        _fold_calls(reader, stager, job["head"], job["lo"], job["hi"], lambda n: send({"done": n}))
+        _fold_calls(
+            reader, stager, job["head"], job["lo"], job["hi"], lambda n: send({"done": n}),
+            job["policy"],
+        )
         reader.close()
         writer.close()
     except BaseException:
@@ -745,7 +786,10 @@ class _Checkpointer:
 
 
 def rebuild(
-    conn: sqlite3.Connection, progress: Progress | None = None, workers: int | None = None
+    conn: sqlite3.Connection,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    policy: str | None = None,
 ) -> int:
     """Rebuild every projection from seq 1; readers never see a half-built table.
 
@@ -758,7 +802,9 @@ def rebuild(
     Calls are folded by `workers` processes (default: one per CPU for big logs), each
     owning a range of voice_ids; an in-memory database is folded in this process.
     Returns the number of events folded. `progress(done, total)` follows the fold.
+    `policy`: the public form of personal data (default: CALLGATE_PUBLIC_PII).
     """
+    policy = resolve_policy(policy)
     ensure_tables(conn)
     unseal = opener(conn)
     unseal.refresh()
@@ -785,7 +831,7 @@ def rebuild(
         pool = stack.enter_context(_Workers(n_workers)) if n_workers > 1 else None
         stager = _Stager(conn, chunked=staged)
         stager.run(lambda: tables.create_staging(conn))
-        _fold_into_staging(reader, stager, path, head, pool, report, unseal.store.path)
+        _fold_into_staging(reader, stager, path, head, pool, report, unseal.store.path, policy)
         report(n_events)
 
         def swap() -> None:
@@ -856,16 +902,17 @@ def _fold_into_staging(
     pool: _Workers | None,
     report: Callable[[int], None],
     keys: str,
+    policy: str,
 ) -> None:
     """Calls by the worker pool (each a range of voice_ids) or in this process; broadcasts
     here, while the workers fold. `keys`: the key store's file, for the workers."""
     if pool is None:
-        _fold_calls(reader, stager, head, progress=report)
-        _fold_broadcasts(reader, stager, head)
+        _fold_calls(reader, stager, head, progress=report, policy=policy)
+        _fold_broadcasts(reader, stager, head, policy)
         return
     bounds = [None, *_split_points(reader, len(pool.procs)), None]
-    pool.start(path, head, list(itertools.pairwise(bounds)), keys)
-    _fold_broadcasts(reader, stager, head)
+    pool.start(path, head, list(itertools.pairwise(bounds)), keys, policy)
+    _fold_broadcasts(reader, stager, head, policy)
     pool.wait(report)
     pool.close()
 

@@ -116,8 +116,9 @@ CALLS = Table(
         ("direction", "TEXT", "inbound (an incomingcall was seen), broadcast (a broadcast leg) "
          "or outbound; NULL when the call has no call-level event."),
         ("from_number", "TEXT", "Caller number, from the first call-level event carrying one "
-         "(bridge legs carry other numbers and are ignored)."),
-        ("to_number", "TEXT", "Called number, from the first call-level event carrying one."),
+         "(bridge legs carry other numbers and are ignored); public form (see calls_private)."),
+        ("to_number", "TEXT", "Called number, from the first call-level event carrying one; "
+         "public form."),
         ("final_state", "TEXT", "Last call-level state by event time; disconnected is terminal. "
          "Recording, speech and bridge states never become the call state."),
         ("started_at", "TEXT", "Event time of the call's earliest event."),
@@ -138,15 +139,17 @@ CALLS = Table(
          "noanswer -> no_answer, ...; README)."),
         ("plays", "INTEGER", "Number of distinct play_id on play and speech events."),
         ("digits", "TEXT", "JSON array of digit strings (play digitcollected and dtmf events) "
-         "in event-time order."),
-        ("speech", "TEXT", "JSON array of recognised speech texts, in event-time order."),
+         "in event-time order; public form (menu choices of 1-2 keys as keyed)."),
+        ("speech", "TEXT", "JSON array of recognised speech texts, in event-time order (NULL "
+         "unless CALLGATE_PUBLIC_PII=full; see calls_private)."),
         ("speech_results", "TEXT", "JSON array of every speech result (recognized, "
          "unrecognized, timeout), in event-time order."),
-        ("recording_url", "TEXT", "Last non-empty recording_url on any event of the call."),
+        ("recording_url", "TEXT", "Last non-empty recording_url on any event of the call, its "
+         "app-id segment replaced by the app label."),
         ("recording_duration_s", "REAL", "Last recording_duration (seconds) on any event."),
         ("bridge_state", "TEXT", "Last bridge-level state (bridging, bridged, "
          "bridge_disconnected, or a leg's failed/initiated after connected)."),
-        ("transfer_to", "TEXT", "Last transfer target number seen."),
+        ("transfer_to", "TEXT", "Last transfer target number seen; public form."),
         ("owner_ref", "TEXT", "First owner_ref on a call-level event."),
         ("channel_id", "TEXT", "First channel_id on a call-level event."),
         ("room_id", "TEXT", "Last room_id on any event of the call (the room it joined)."),
@@ -203,9 +206,10 @@ PLAYS = Table(
         ("prompt_ref", "TEXT", "Last non-empty prompt_ref of the play."),
         ("final_state", "TEXT", "Last playstate by event time (playfinished, digitcollected, "
          "menutimeout, speechrecognized, ...)."),
-        ("digits", "TEXT", "JSON array of digits collected by this play."),
+        ("digits", "TEXT", "JSON array of digits collected by this play; public form."),
         ("speech_result", "TEXT", "Last speech result of this play, if it listened for speech."),
-        ("speech_text", "TEXT", "Last recognised text of this play."),
+        ("speech_text", "TEXT", "Last recognised text of this play (NULL unless "
+         "CALLGATE_PUBLIC_PII=full)."),
         ("started_at", "TEXT", "Time of the play's first event (normally initiated)."),
         ("finished_at", "TEXT", "Time of the play's last event that is not initiated."),
         ("event_count", "INTEGER", "Events of this play."),
@@ -231,7 +235,7 @@ RECORDINGS = Table(
         ("started_at", "TEXT", "First started event time."),
         ("completed_at", "TEXT", "First completed event time."),
         ("recording_url", "TEXT", "Last non-empty recording_url of the recording (or of the "
-         "call, when the call has exactly one recording)."),
+         "call, when the call has exactly one recording), app id replaced by its label."),
         ("duration_s", "REAL", "Recording length in seconds as reported by EnableX."),
         ("description", "TEXT", "Last description sent with the recording events."),
         ("event_count", "INTEGER", "Recording events of this recording."),
@@ -251,7 +255,8 @@ DTMF = Table(
         ("voice_id", "TEXT NOT NULL", "Call the digits were keyed in."),
         ("position", "INTEGER NOT NULL", "1-based order of this input within the call."),
         ("occurred_at", "TEXT", "Event time."),
-        ("digits", "TEXT", "Digits as a string (0 stays \"0\")."),
+        ("digits", "TEXT", "Digits as a string (0 stays \"0\"); public form: longer than 2 "
+         "keys masked as one * per key."),
         ("source", "TEXT", "play (digitcollected of a play) or dtmf (dtmfcollected)."),
         ("play_id", "TEXT", "Play that collected the digits, if any."),
         ("prompt_ref", "TEXT", "prompt_ref of that play, if sent."),
@@ -270,7 +275,8 @@ SPEECH = Table(
         ("position", "INTEGER NOT NULL", "1-based order of this result within the call."),
         ("occurred_at", "TEXT", "Event time."),
         ("result", "TEXT", "recognized, unrecognized or timeout."),
-        ("text", "TEXT", "Recognised text (text or recognized_phrase)."),
+        ("text", "TEXT", "Recognised text (text or recognized_phrase); NULL unless "
+         "CALLGATE_PUBLIC_PII=full."),
         ("confidence", "REAL", "Recogniser confidence, when sent."),
         ("reason", "TEXT", "reason sent with the result."),
         ("play_id", "TEXT", "Play that listened, if sent."),
@@ -289,7 +295,8 @@ BROADCASTS = Table(
         ("broadcast_id", "TEXT NOT NULL", "EnableX broadcast id."),
         ("state", "TEXT", "Last summary state (broadcastcomplete, broadcastcall_complete); "
          "NULL until the summary arrives."),
-        ("from_number", "TEXT", "Caller id of the broadcast (from its summary event)."),
+        ("from_number", "TEXT", "Caller id of the broadcast (from its summary event); public "
+         "form."),
         ("successful_calls", "INTEGER", "resultSet.successfull_calls, else broadcast_call_info "
          "entries whose state is completed."),
         ("failed_calls", "INTEGER", "resultSet.failed_calls, else the other "
@@ -300,7 +307,8 @@ BROADCASTS = Table(
         ("legs_answered", "INTEGER", "Legs with a connected event."),
         ("started_at", "TEXT", "Event time of the broadcast's earliest event."),
         ("completed_at", "TEXT", "Event time of the last summary event."),
-        ("call_info", "TEXT", "broadcast_call_info of the last summary (JSON array)."),
+        ("call_info", "TEXT", "broadcast_call_info of the last summary (JSON array; numbers in "
+         "public form)."),
         ("event_count", "INTEGER", "Events carrying this broadcast_id (summaries and legs)."),
         ("first_seq", "INTEGER", "Lowest events.seq carrying this broadcast_id."),
         ("last_seq", "INTEGER", "Highest events.seq carrying this broadcast_id."),
@@ -333,6 +341,7 @@ TIMELINE_MARKS = Table(
 # (occurred_at), so a rebuild never copies a million rows; only timeline_marks is stored.
 # `position` is a correlated count over that index: computed only for rows shown.
 TIMELINE_VIEW = "timeline"
+TIMELINE_PRIVATE_VIEW = "timeline_private"
 TIMELINE_DESCRIPTION = (
     "Every logged event in call order (event time, ties by seq) with its class re-derived "
     "from the call's history. Filter by voice_id and sort by occurred_at, seq."
@@ -349,13 +358,31 @@ TIMELINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("state", "State within the class (play: playstate; speech: result)."),
     ("play_id", "Play id, when sent."),
     ("prompt_ref", "prompt_ref, when sent."),
-    ("digits", "Always NULL: the log holds digits sealed (README \"Privacy and erasure\"); "
-     "the dtmf and plays tables have them."),
-    ("text", "Always NULL: the log holds speech text sealed; the speech table has it."),
+    ("digits", "Digits keyed in (the event's dtmf row), in public form."),
+    ("text", "Speech text (the event's speech row); NULL unless CALLGATE_PUBLIC_PII=full."),
     ("reason", "disconnect_reason or reason, when sent."),
     ("arrived_late", "1 when an event with a later event time arrived first."),
 )
-TIMELINE_SQL = f"""CREATE VIEW IF NOT EXISTS "{TIMELINE_VIEW}" AS
+_CLEARTEXT_TIMELINE = {"digits": "Digits keyed in, cleartext.", "text": "Speech text, cleartext."}
+TIMELINE_PRIVATE_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (name, _CLEARTEXT_TIMELINE.get(name, text)) for name, text in TIMELINE_COLUMNS
+)
+
+
+def _timeline_sql(name: str, private: bool) -> str:
+    """The timeline view over the log. Digits and speech text come from the dtmf and speech
+    rows of the same event, never from the payload: the public view shows their public
+    form, the operator's view joins the cleartext in."""
+    digits, text, joins = "d.digits", "s.text", ""
+    if private:
+        digits, text = "dp.digits", "sp.text"
+        joins = (
+            "\nLEFT JOIN dtmf_private AS dp ON dp.voice_id = d.voice_id "
+            "AND dp.position = d.position"
+            "\nLEFT JOIN speech_private AS sp ON sp.voice_id = s.voice_id "
+            "AND sp.position = s.position"
+        )
+    return f"""CREATE VIEW "{name}" AS
 SELECT e.seq AS seq, e.voice_id AS voice_id, e.broadcast_id AS broadcast_id,
        CASE WHEN e.voice_id IS NOT NULL THEN
          (SELECT count(*) FROM events AS p WHERE p.voice_id = e.voice_id
@@ -370,11 +397,22 @@ SELECT e.seq AS seq, e.voice_id AS voice_id, e.broadcast_id AS broadcast_id,
        COALESCE(m.class, e.class) AS class, e.state AS state,
        json_extract(e.payload, '$.play_id') AS play_id,
        json_extract(e.payload, '$.prompt_ref') AS prompt_ref,
-       NULL AS digits, NULL AS text,
+       {digits} AS digits,
+       {text} AS text,
        COALESCE(NULLIF(json_extract(e.payload, '$.disconnect_reason'), ''),
                 json_extract(e.payload, '$.reason')) AS reason,
        COALESCE(m.arrived_late, 0) AS arrived_late
-FROM events AS e LEFT JOIN timeline_marks AS m ON m.seq = e.seq"""
+FROM events AS e LEFT JOIN timeline_marks AS m ON m.seq = e.seq
+LEFT JOIN dtmf AS d ON d.voice_id = e.voice_id AND d.seq = e.seq
+LEFT JOIN speech AS s ON s.voice_id = e.voice_id AND s.seq = e.seq{joins}"""
+
+
+# name -> CREATE VIEW statement, exactly as SQLite keeps it in sqlite_master.sql, so a view
+# whose definition changed since a database was built is recognised and replaced.
+VIEWS: dict[str, str] = {
+    TIMELINE_VIEW: _timeline_sql(TIMELINE_VIEW, private=False),
+    TIMELINE_PRIVATE_VIEW: _timeline_sql(TIMELINE_PRIVATE_VIEW, private=True),
+}
 
 CHECKPOINTS = Table(
     "checkpoints",
@@ -438,24 +476,89 @@ for _table, _fields in _FIELDS.items():  # the folds emit positional rows: order
 if tuple(name for name, _ in TIMELINE_COLUMNS) != folds.TIMELINE_FIELDS:
     raise RuntimeError("analytics.tables.TIMELINE_COLUMNS differ from the fold's timeline rows")
 
+# Personal (and secret) columns of the public tables, each with its kind (the public form
+# analytics/privacy.py gives it). The public table holds that form; `<table>_private`,
+# operator only, holds the cleartext keyed like the public row. The projector writes
+# cleartext nowhere else.
+PRIVATE_SUFFIX = "_private"
+PERSONAL: dict[str, tuple[tuple[str, str], ...]] = {
+    CALLS.name: (
+        ("from_number", "number"), ("to_number", "number"), ("transfer_to", "number"),
+        ("digits", "digit_list"), ("speech", "text"), ("recording_url", "url"),
+    ),
+    PLAYS.name: (("digits", "digit_list"), ("speech_text", "text")),
+    RECORDINGS.name: (("recording_url", "url"),),
+    DTMF.name: (("digits", "digits"),),
+    SPEECH.name: (("text", "text"),),
+    BROADCASTS.name: (("from_number", "number"), ("call_info", "call_info")),
+}  # fmt: skip
+_CLEARTEXT = {
+    "from_number": "Caller number as EnableX sent it.",
+    "to_number": "Called number as EnableX sent it.",
+    "transfer_to": "Transfer target number as EnableX sent it.",
+    "digits": "Digits as keyed in.",
+    "speech": "JSON array of recognised speech texts.",
+    "speech_text": "Last recognised text of this play.",
+    "text": "Recognised text.",
+    "recording_url": "recording_url as EnableX sent it (with the app id).",
+    "call_info": "broadcast_call_info of the last summary (JSON array, numbers as sent).",
+}
+
+
+def _private_table(table: Table) -> Table:
+    """`<table>_private`: the key of `table`, then its personal columns in cleartext."""
+    types = {name: sqltype for name, sqltype, _ in table.columns}
+    keys = {name: text for name, _, text in table.columns if name in table.primary_key}
+    columns = tuple((name, types[name], keys[name]) for name in table.primary_key)
+    columns += tuple((name, types[name], _CLEARTEXT[name]) for name, _ in PERSONAL[table.name])
+    return Table(
+        table.name + PRIVATE_SUFFIX,
+        f"Operator only: the cleartext personal fields of {table.name} (which holds their "
+        "public form), keyed like it.",
+        columns,
+        primary_key=table.primary_key,
+        without_rowid=True,
+    )
+
+
+PUBLIC_WITH_PRIVATE: tuple[Table, ...] = (CALLS, PLAYS, RECORDINGS, DTMF, SPEECH, BROADCASTS)
+PRIVATE: dict[str, Table] = {t.name: _private_table(t) for t in PUBLIC_WITH_PRIVATE}
+
 # Tables a rebuild drops and re-creates (checkpoints is shared, so it is only updated).
 PROJECTIONS: tuple[Table, ...] = (
-    CALLS, PLAYS, RECORDINGS, DTMF, SPEECH, BROADCASTS, TIMELINE_MARKS,
+    CALLS, PLAYS, RECORDINGS, DTMF, SPEECH, BROADCASTS, TIMELINE_MARKS, *PRIVATE.values(),
 )  # fmt: skip
 # Kept by analytics/summaries.py rather than by the folds.
 SUMMARIES: tuple[Table, ...] = (HOURLY_CONCURRENCY, LATENESS_HISTOGRAM)
 ALL_TABLES: tuple[Table, ...] = (*PROJECTIONS, *SUMMARIES, CHECKPOINTS)
+# What anonymous visitors must never read (metadata.yml: allow operator).
+OPERATOR_ONLY: tuple[str, ...] = (*(t.name for t in PRIVATE.values()), TIMELINE_PRIVATE_VIEW)
+
+
+def cleartext_select(table: Table) -> str:
+    """SELECT of `table`'s columns with its personal columns' cleartext joined in from
+    `<table>_private` (how an operator, or a test, reads whole rows as EnableX sent them)."""
+    private = PRIVATE[table.name]
+    personal = {name for name, _ in PERSONAL[table.name]}
+    columns = ", ".join(
+        f'p."{name}" AS "{name}"' if name in personal else f't."{name}" AS "{name}"'
+        for name in table.column_names
+    )
+    on = " AND ".join(f't."{k}" = p."{k}"' for k in table.primary_key)
+    return f'SELECT {columns} FROM "{table.name}" AS t JOIN "{private.name}" AS p ON {on}'
+
 
 # For metadata.yml: a description per column of every table and view.
 COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     **{t.name: {name: text for name, _, text in t.columns} for t in ALL_TABLES},
     TIMELINE_VIEW: dict(TIMELINE_COLUMNS),
+    TIMELINE_PRIVATE_VIEW: dict(TIMELINE_PRIVATE_COLUMNS),
 }
 
 
 def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
     """Idempotent: create every projection and summary table (and the indexes unless bulk
-    loading) and the timeline view. Needs the `events` table (gateway.log.eventlog.ensure_schema).
+    loading) and the timeline views. Needs the `events` table (gateway.log.eventlog.ensure_schema).
 
     A database built by an older callgate gets what it lacks: new indexes, indexes whose
     definition changed (rebuilt), and new summary tables, filled before they are used
@@ -469,7 +572,7 @@ def create_tables(conn: sqlite3.Connection, indexes: bool = True) -> None:
         conn.execute(table.create_sql())
     if indexes:
         create_indexes(conn)
-    conn.execute(TIMELINE_SQL)
+    create_views(conn)
     fill_new_summaries(conn, {t.name for t in SUMMARIES} - have)
 
 
@@ -488,6 +591,24 @@ def drop_outdated(conn: sqlite3.Connection) -> list[str]:
             conn.execute(CHECKPOINTS.create_sql())
             conn.execute("DELETE FROM checkpoints WHERE name = ?", (PROJECTOR_CHECKPOINT,))
     return outdated
+
+
+def create_views(conn: sqlite3.Connection) -> None:
+    """The timeline views; one stored with another definition (an older callgate read
+    digits and text from the payload) is replaced."""
+    stored = {
+        name: (kind, sql)
+        for name, kind, sql in conn.execute("SELECT name, type, sql FROM sqlite_master")
+    }
+    for name, sql in VIEWS.items():
+        kind, have = stored.get(name, (None, None))
+        if kind == "table":  # an early build stored the timeline: a rebuild replaces it
+            continue
+        if have == sql:
+            continue
+        if kind == "view":
+            conn.execute(f'DROP VIEW "{name}"')
+        conn.execute(sql)
 
 
 def create_indexes(conn: sqlite3.Connection) -> None:
@@ -551,11 +672,11 @@ def swap_in_staging(conn: sqlite3.Connection) -> None:
 
 
 def drop_projections(conn: sqlite3.Connection) -> None:
-    """Drop the derived tables (never `events`, never `checkpoints`)."""
-    kind = conn.execute(
-        "SELECT type FROM sqlite_master WHERE name = ?", (TIMELINE_VIEW,)
-    ).fetchone()
-    if kind is not None:  # a view now; an early build stored it as a table
-        conn.execute(f'DROP {"VIEW" if kind[0] == "view" else "TABLE"} "{TIMELINE_VIEW}"')
+    """Drop the derived tables and the views over them (never `events`, never
+    `checkpoints`)."""
+    for name in VIEWS:
+        kind = conn.execute("SELECT type FROM sqlite_master WHERE name = ?", (name,)).fetchone()
+        if kind is not None:  # a view now; an early build stored the timeline as a table
+            conn.execute(f'DROP {"VIEW" if kind[0] == "view" else "TABLE"} "{name}"')
     for table in PROJECTIONS:
         conn.execute(f'DROP TABLE IF EXISTS "{table.name}"')

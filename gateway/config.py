@@ -12,6 +12,10 @@ DEFAULT_DB = "data/callgate.db"
 DATASETTE_TOKEN_ENV = "CALLGATE_DATASETTE_TOKEN"
 MASTER_KEY_ENV = "CALLGATE_MASTER_KEY"
 DEFAULT_MAX_BODY = 1024 * 1024  # EnableX events are < 1 kB; refuse megabyte bodies unread.
+PUBLIC_PII_ENV = "CALLGATE_PUBLIC_PII"
+# What anonymous Datasette visitors get of callers' numbers, digits and speech text
+# (analytics/privacy.py): masked forms, nothing, or the cleartext.
+PUBLIC_PII_POLICIES = ("masked", "hidden", "full")
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -69,6 +73,7 @@ class Config:
     keys_db: str | None = None
     master_key: str | None = field(default=None, repr=False)
     retention_days: float | None = None
+    public_pii: str = PUBLIC_PII_POLICIES[0]
 
     @classmethod
     def from_env(
@@ -93,6 +98,7 @@ class Config:
             keys_db=env.get("CALLGATE_KEYS_DB") or None,
             master_key=env.get(MASTER_KEY_ENV) or None,
             retention_days=_number(env.get("CALLGATE_RETENTION_DAYS"), float),
+            public_pii=_choice(env, PUBLIC_PII_ENV, PUBLIC_PII_POLICIES),
         )
 
     def ensure_db_dir(self) -> None:

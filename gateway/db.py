@@ -6,6 +6,7 @@ transaction boundaries and the notion of "the log head" have one owner.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,9 @@ from gateway.wire.schemas import format_utc
 
 GENESIS_HASH = "0" * 64
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Database files hold raw payloads and personal data: owner only. SQLite gives the -wal
+# and -shm files the mode of the database file, so creating that one is enough.
+PRIVATE_FILE_MODE = 0o600
 _savepoints = count()
 
 
@@ -25,14 +29,26 @@ def connect(path: str, synchronous: str = "FULL", timeout: float = 5.0) -> sqlit
     level = synchronous.upper()
     if level not in SYNCHRONOUS:
         raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path not in ("", ":memory:"):
+        create_private_file(path)
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={level}")
     conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     return conn
+
+
+def create_private_file(path: str, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Create `path` (and its directory) with `mode` unless it exists. SQLite would create
+    a new database 0644 under the usual umask, readable by every local user; an empty
+    file is a valid empty database."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from analytics import projector, tables
+from analytics import privacy, projector, tables
 from gateway.db import connect
 from gateway.log import eventlog, intake
 from gateway.wire import schemas
@@ -131,6 +131,27 @@ def append_all(
     if pending:
         results.extend(eventlog.append_batch(conn, pending))
     return results
+
+
+def public_rows_are_public_forms(conn: sqlite3.Connection, policy: str) -> int:
+    """Every public row with personal columns is the public form of its `_private` twin's
+    cleartext, and nothing else differs; returns the rows checked."""
+    checked = 0
+    for table in tables.PUBLIC_WITH_PRIVATE:
+        split = privacy.Splitter(
+            table.column_names, table.primary_key, tables.PERSONAL[table.name], policy
+        )
+        public = {
+            tuple(r[k] for k in table.primary_key): tuple(r)
+            for r in conn.execute(f'SELECT * FROM "{table.name}"')
+        }
+        cleartext = conn.execute(tables.cleartext_select(table)).fetchall()
+        assert len(cleartext) == len(public), table.name
+        for row in cleartext:
+            key = tuple(row[k] for k in table.primary_key)
+            assert public[key] == split.public(tuple(row)), (table.name, key)
+            checked += 1
+    return checked
 
 
 def snapshot(conn: sqlite3.Connection, drop_arrival: bool = False) -> Snapshot:

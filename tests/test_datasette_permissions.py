@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from analytics import tables
 from analytics.datasette_app import TOKEN_ENV, load_metadata, rendered_metadata_path
 from gateway.db import connect, utc_now
 from tests.conftest import CALLGATE
@@ -28,6 +29,7 @@ OPERATOR_ONLY_TABLES = (
     "deliveries",
     "delivery_attempts",
     "subscription_health",
+    *tables.OPERATOR_ONLY,  # the cleartext personal data
 )
 PUBLIC_TABLES = (
     "calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline", "timeline_marks",

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from analytics import projector
+from analytics import projector, tables
 from gateway.db import connect
 from gateway.forward.subscriptions import SecretStore, create_subscription, secrets_path
 from gateway.log import eventlog, keystore, sealing
@@ -110,7 +110,7 @@ def test_erasing_a_corpus_number_leaves_no_trace(tmp_path: Path) -> None:
     conn = connect(db)
     before_rows = [tuple(r) for r in conn.execute("SELECT * FROM events ORDER BY seq")]
     erased_calls = sorted(
-        {v for (v,) in conn.execute("SELECT voice_id FROM calls WHERE from_number = ? "
+        {v for (v,) in conn.execute("SELECT voice_id FROM calls_private WHERE from_number = ? "
                                     "OR to_number = ?", (NUMBER, NUMBER))}
     )
     conn.close()
@@ -139,7 +139,7 @@ def test_erasing_a_corpus_number_leaves_no_trace(tmp_path: Path) -> None:
     # Projections: the erased calls keep their rows but lose every personal value, and a
     # rebuild from the log gives exactly the same tables.
     rows = conn.execute(
-        f"SELECT from_number, to_number, recording_url FROM calls WHERE voice_id IN "
+        f"SELECT from_number, to_number, recording_url FROM calls_private WHERE voice_id IN "
         f"({','.join('?' * len(erased_calls))})", erased_calls
     ).fetchall()
     assert len(rows) == len(erased_calls)
@@ -216,7 +216,7 @@ def test_erase_of_one_call_and_by_retention(tmp_path: Path) -> None:
     result = callgate("erase", "--call", voice_id, "--yes", "--db", db)
     assert result.returncode == 0, result.stderr
     conn = connect(db)
-    calls = {r["voice_id"]: dict(r) for r in conn.execute("SELECT * FROM calls")}
+    calls = {r["voice_id"]: dict(r) for r in conn.execute("SELECT * FROM calls_private")}
     assert calls[voice_id]["from_number"] is None
     assert all(c["from_number"] for v, c in calls.items() if v != voice_id)
     conn.close()
@@ -227,7 +227,8 @@ def test_erase_of_one_call_and_by_retention(tmp_path: Path) -> None:
                       env=cli_env(CALLGATE_RETENTION_DAYS="0"))
     assert result.returncode == 0, result.stderr
     conn = connect(db)
-    assert [r[0] for r in conn.execute("SELECT from_number FROM calls")] == [None] * len(calls)
+    left = [r[0] for r in conn.execute("SELECT from_number FROM calls_private")]
+    assert left == [None] * len(calls)
     assert eventlog.verify(conn).ok
     conn.close()
 
@@ -249,7 +250,8 @@ def test_the_log_holds_no_personal_value_and_no_unkeyed_hash(tmp_path: Path) -> 
     assert not hashes & {eventlog.content_hash(raw) for raw in raws}
     # The projector opens them: cleartext where the projections keep it.
     projector.project_all(conn)
-    assert conn.execute("SELECT count(*) FROM calls WHERE from_number = ?", (NUMBER,)).fetchone()[0]
+    found = conn.execute("SELECT count(*) FROM calls_private WHERE from_number = ?", (NUMBER,))
+    assert found.fetchone()[0]
     conn.close()
 
 
@@ -328,7 +330,7 @@ def test_a_schema_2_log_keeps_its_plaintext_rows_and_seals_new_ones(tmp_path: Pa
     assert not raws[0].startswith(sealing.RAW_PREFIX)
     assert all(r.startswith(sealing.RAW_PREFIX) for r in raws[1:])
     projector.project_all(log)
-    call = dict(log.execute("SELECT * FROM calls").fetchone())
+    call = dict(log.execute(tables.cleartext_select(tables.CALLS)).fetchone())
     assert call["from_number"] and call["event_count"] == len(old)
     log.close()
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from analytics import folds, projector, tables
+from analytics import folds, privacy, projector, tables
 from gateway.config import Config
 from gateway.db import connect
 from gateway.log.intake import ingest_request
@@ -30,6 +30,7 @@ from tests.helpers_analytics import (
     corpus,
     expected_calls,
     open_log,
+    public_rows_are_public_forms,
     snapshot,
     synthetic_log,
 )
@@ -71,8 +72,8 @@ def test_corpus_over_the_wire_projects_to_expect(corpus_db: str) -> None:
     assert consumed == head and projector.lag(conn) == (head, head)
     for flow in FLOWS:
         for voice_id, want in expected_calls(flow.expect).items():
-            check_call(row(conn, "SELECT * FROM calls WHERE voice_id = ?", voice_id), want,
-                       flow.name)  # fmt: skip
+            cleartext = tables.cleartext_select(tables.CALLS) + " WHERE t.voice_id = ?"
+            check_call(row(conn, cleartext, voice_id), want, flow.name)
         if "broadcast" in flow.expect:
             want = flow.expect["broadcast"]
             got = row(conn, "SELECT * FROM broadcasts WHERE broadcast_id = ?",
@@ -86,6 +87,7 @@ def test_corpus_over_the_wire_projects_to_expect(corpus_db: str) -> None:
     total = conn.execute("SELECT sum(event_count) FROM calls").fetchone()[0]
     summaries = conn.execute("SELECT count(*) FROM events WHERE voice_id IS NULL").fetchone()[0]
     assert total + summaries == head
+    assert public_rows_are_public_forms(conn, "masked") > 0
 
 
 def test_timeline_view_is_the_folds_timeline(corpus_db: str) -> None:
@@ -98,10 +100,20 @@ def test_timeline_view_is_the_folds_timeline(corpus_db: str) -> None:
         got = [
             dict(r)
             for r in conn.execute(
-                "SELECT * FROM timeline WHERE voice_id = ? ORDER BY position", (voice_id,)
+                "SELECT * FROM timeline_private WHERE voice_id = ? ORDER BY position", (voice_id,)
             )
         ]
         assert got == want
+        public = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT * FROM timeline WHERE voice_id = ? ORDER BY position", (voice_id,)
+            )
+        ]
+        assert public == [
+            {**r, "digits": privacy.public_digits(r["digits"], "masked"), "text": None}
+            for r in want
+        ]
     broadcast_id = conn.execute("SELECT broadcast_id FROM broadcasts LIMIT 1").fetchone()[0]
     want = folds.project_broadcast(projector.load_broadcast(conn, broadcast_id))["timeline"]
     got = [

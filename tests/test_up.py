@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from gateway.simulate.sender import DEMO_MARGIN
+from gateway.simulate.sender import DEMO_APP_ID, DEMO_MARGIN, WireOptions, render_request
 from tests.conftest import CALLGATE, free_port, server_env, wait_http
 from tests.helpers_browser import axis_labels, chromium, legend_labels, screenshot, watch_errors
 
@@ -41,6 +41,10 @@ def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
     port, ds_port = free_port(), free_port()
     env = server_env()
     env.pop("ENABLEX_APP_ID")
+    headers, body = render_request(
+        {"voice_id": "after-demo-1", "state": "connected", "timestamp": "2024-03-20T10:00:00Z"},
+        WireOptions(app_id=DEMO_APP_ID),
+    )
     proc = subprocess.Popen(
         [CALLGATE, "up", "--db", db, "--port", str(port), "--datasette-port", str(ds_port),
          "--demo-if-empty", "--demo-calls", str(DEMO_CALLS)],
@@ -78,12 +82,24 @@ def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
             page.wait_for_timeout(300)  # Vega's last paint
             screenshot(page, "dashboard-demo", docs_name="screenshot-dashboard.png")
             assert errors == [] and failed == [], (errors, failed)
+        # Once the demo is played, its app id (public: it is in the source) opens nothing.
+        deadline = time.monotonic() + 120
+        status = 200
+        while time.monotonic() < deadline and status == 200:
+            try:
+                status = httpx.post(f"http://127.0.0.1:{port}/webhooks/enablex",
+                                    content=body, headers=headers, timeout=5).status_code
+            except httpx.HTTPError:
+                status = 200  # restarting: try again
+            time.sleep(0.5)
+        assert status == 400, "the gateway still accepts the demo app id after the demo"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
     assert proc.returncode == 0, output[-2000:]
     sent = re.search(r"demo traffic sent \((\d+) of (\d+) webhooks accepted\)", output)
     assert sent and sent.group(1) == sent.group(2), output[-2000:]
+    assert "demo app id dropped" in output, output[-2000:]
     # Every child is gone with the parent.
     for check_port in (port, ds_port):
         try:

@@ -14,6 +14,12 @@ from gateway.cli import backup, datasette, erase, forward, log, project, serve, 
 @click.version_option(package_name="callgate")
 def main() -> None:
     """callgate: receiver, event log, call history and forwarder for EnableX Voice webhooks."""
+    from gateway.config import Config
+
+    try:  # a misspelt setting (CALLGATE_PUBLIC_PII=mask) stops every command up front
+        Config.from_env()
+    except ValueError as exc:
+        raise click.ClickException(f"bad configuration: {exc}") from None
 
 
 for _command in (

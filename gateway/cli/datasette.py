@@ -52,6 +52,8 @@ def datasette(db: str, host: str, port: int) -> None:
     """
     prepare_database(db)
     config = Config.from_env(db_path=db)
+    if config.datasette_token is not None and not config.datasette_token.isascii():
+        raise click.ClickException(f"{TOKEN_ENV} must be ASCII text")
     problem = operator_token_problem(config.datasette_token)
     if problem:
         click.echo(f"callgate datasette: warning: {problem}", err=True)

@@ -43,7 +43,8 @@ def reprocess(db: str) -> None:
     summary = run(_open(db), Config.from_env(db_path=db))
     click.echo(
         f"tried {summary.tried}: {summary.events} new events, {summary.duplicates} duplicates, "
-        f"{summary.still_rejected} still rejected"
+        f"{summary.still_rejected} still rejected; {summary.never_retried} refused before "
+        "interpretation (wrong token or method) never retried"
     )
 
 

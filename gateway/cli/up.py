@@ -6,6 +6,7 @@ import click
 
 from gateway.cli.log import _open
 from gateway.cli.options import check_keys, db_option
+from gateway.cli.supervisor import Supervisor
 from gateway.db import log_head
 from gateway.simulate.sender import DEMO_CALLS
 
@@ -50,13 +51,14 @@ def up(
     import os
     import threading
 
-    from gateway.cli.supervisor import Part, Supervisor, callgate_executable
+    from gateway.cli.supervisor import Part, callgate_executable
 
     check_keys(db)
     conn = _open(db)
     empty = log_head(conn)[0] == 0
     conn.close()
     env = dict(os.environ)
+    after_demo = dict(env)  # the demo app id is public: valid only while the demo plays
     play_demo = demo or (demo_if_empty and empty)
     if play_demo:
         from gateway.config import Config
@@ -105,32 +107,49 @@ def up(
     )
     if play_demo:
         threading.Thread(
-            target=_play_demo, args=(f"http://{host}:{port}", supervisor, demo_calls),
+            target=_play_demo, args=(f"http://{host}:{port}", supervisor, demo_calls, after_demo),
             daemon=True,
         ).start()
     raise SystemExit(supervisor.wait())
 
 
-def _play_demo(base_url: str, supervisor, calls: int) -> None:  # type: ignore[no-untyped-def]
-    """Wait for the gateway, then send the labelled demo traffic into it."""
+def _play_demo(
+    base_url: str, supervisor: Supervisor, calls: int, after_demo: dict[str, str]
+) -> None:
+    """Wait for the gateway, send the labelled demo traffic into it, then restart it
+    without the demo app id: that id is in the source code, so anyone could encrypt
+    events with it for as long as the gateway accepts it."""
+    from gateway.config import Config
+    from gateway.simulate.sender import run_demo
+
+    if not _wait_healthy(base_url, supervisor):
+        return
+    click.echo(f"callgate up: playing {calls} demo calls of the last 14 days (app id label: "
+               "demo) ...")
+    token = Config.from_env().webhook_token
+    try:
+        report = run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""), calls)
+        click.echo(f"callgate up: demo traffic sent ({report.acknowledged} of {report.planned} "
+                   "webhooks accepted)")
+    finally:
+        if supervisor.restart("gateway", after_demo):
+            _wait_healthy(base_url, supervisor)
+            click.echo("callgate up: demo app id dropped (the gateway accepts ENABLEX_APP_ID only)")
+
+
+def _wait_healthy(base_url: str, supervisor: Supervisor) -> bool:
+    """Until the gateway answers /healthz (False if everything stops first)."""
     import time
 
     import httpx
 
-    from gateway.config import Config
-    from gateway.simulate.sender import run_demo
-
-    for _ in range(100):
+    for _ in range(150):
         if supervisor.stopping.is_set():
-            return
+            return False
         try:
             if httpx.get(base_url + "/healthz", timeout=1).status_code == 200:
-                break
+                return True
         except httpx.HTTPError:
-            time.sleep(0.2)
-    click.echo(f"callgate up: playing {calls} demo calls of the last 14 days (app id label: "
-               "demo) ...")
-    token = Config.from_env().webhook_token
-    report = run_demo(base_url + "/webhooks/enablex" + (f"/{token}" if token else ""), calls)
-    click.echo(f"callgate up: demo traffic sent ({report.acknowledged} of {report.planned} "
-               "webhooks accepted)")
+            pass
+        time.sleep(0.2)
+    return False

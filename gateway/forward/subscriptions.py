@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import secrets as _random
 import sqlite3
@@ -27,7 +26,7 @@ from typing import Any
 import httpx
 from standardwebhooks import Webhook
 
-from gateway.db import log_head_seq, transaction, utc_now
+from gateway.db import create_private_file, log_head_seq, transaction, utc_now
 from gateway.wire.schemas import format_utc
 
 SECRET_PREFIX = "whsec_"
@@ -136,11 +135,7 @@ class SecretStore:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        if not Path(path).exists():
-            # Create it private before SQLite writes a single secret into it.
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+        create_private_file(path)  # private before SQLite writes a single secret into it
         self.conn = sqlite3.connect(path, timeout=5.0, isolation_level=None)
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.conn.execute(

@@ -374,14 +374,16 @@ def record_rejection(
     remote_addr: str | None = None,
     received_at: str | None = None,
     store: KeyStore | None = None,
+    cap: int = BODY_CAP,
 ) -> int:
-    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed.
+    """Keep a refused request (body capped at `cap` bytes, allow-listed headers) so it can
+    be re-processed.
 
     The body is sealed under a key of its own (it may hold an event's personal data,
     encrypted only with the app id), so `callgate erase` can shred it too."""
     store = store if store is not None else keystore.for_database(conn)
     received = received_at or utc_now()
-    _, sealed_body = sealing.seal_body(store, body[:BODY_CAP], received)
+    _, sealed_body = sealing.seal_body(store, body[:cap], received)
     kept = {}
     for name, value in headers:
         lower = name.lower()
@@ -400,7 +402,7 @@ def record_rejection(
             json.dumps(kept, sort_keys=True),
             sealed_body,
             len(body),
-            int(len(body) > BODY_CAP),
+            int(len(body) > cap),
             remote_addr,
         ),
     )

@@ -18,6 +18,13 @@ from gateway.log.writer import BatchWriter
 from gateway.wire import schemas
 from gateway.wire.ingest import Accepted, Headers, Rejected, interpret
 
+# Refused before the body was interpreted: the request never showed it came from EnableX
+# (wrong or missing path token) or was no webhook delivery at all (another method).
+# `reprocess` never re-interprets them: that would turn anything anyone can send to the
+# port into an event. They keep their metadata and only the start of the body.
+REFUSED_UNREAD = frozenset({"bad_token", "method_not_allowed"})
+UNREAD_BODY_CAP = 1024
+
 
 def refine_leg(conn: sqlite3.Connection, event: dict[str, Any]) -> dict[str, Any]:
     """A `failed`/`initiated` after the call connected is a bridge leg (WIRE.md §4.7.6).
@@ -113,6 +120,7 @@ def reject(
 ) -> Outcome:
     rejection_id = eventlog.record_rejection(
         conn,
+        cap=UNREAD_BODY_CAP if verdict.code in REFUSED_UNREAD else eventlog.BODY_CAP,
         error=verdict.code,
         detail=verdict.detail,
         http_status=verdict.status,
@@ -134,14 +142,26 @@ class ReprocessSummary:
     events: int
     duplicates: int
     still_rejected: int
+    never_retried: int = 0  # refused before interpretation (REFUSED_UNREAD): left alone
 
 
 def reprocess(conn: sqlite3.Connection, config: Config) -> ReprocessSummary:
-    """Re-run every unresolved rejection through the current config (e.g. a new app id)."""
+    """Re-run every unresolved rejection through the current config (e.g. a new app id).
+
+    Only requests that reached the webhook endpoint with POST (and its token) are
+    re-interpreted; those refused before interpretation are never promoted to events."""
+    unread = sorted(REFUSED_UNREAD)
+    marks = ", ".join("?" for _ in unread)
+    retryable = f"error NOT IN ({marks}) AND upper(coalesce(method, 'POST')) = 'POST'"
     rows = conn.execute(
         "SELECT id, headers, body, body_truncated FROM rejections "
-        "WHERE resolved_at IS NULL ORDER BY id"
+        f"WHERE resolved_at IS NULL AND {retryable} ORDER BY id",
+        unread,
     ).fetchall()
+    skipped = conn.execute(
+        f"SELECT count(*) FROM rejections WHERE resolved_at IS NULL AND NOT ({retryable})",
+        unread,
+    ).fetchone()[0]
     events = duplicates = still = 0
     opener = sealing.Opener(keystore.for_database(conn, config))
     for row in rows:
@@ -167,7 +187,7 @@ def reprocess(conn: sqlite3.Connection, config: Config) -> ReprocessSummary:
                 "UPDATE rejections SET resolution = ? WHERE id = ?",
                 (f"rejected:{verdict.code}", row["id"]),
             )
-    return ReprocessSummary(len(rows), events, duplicates, still)
+    return ReprocessSummary(len(rows), events, duplicates, still, skipped)
 
 
 def _load_headers(text: str | None) -> dict[str, str]:

@@ -8,6 +8,7 @@ database gets 503 + Retry-After so EnableX redelivers. Never a 500.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import sqlite3
@@ -131,6 +132,12 @@ class Webhooks:
         )
 
 
+def tokens_match(given: str, expected: str) -> bool:
+    """Constant-time comparison (no timing oracle for the token, one byte at a time).
+    Compared as UTF-8 bytes: `hmac.compare_digest` refuses non-ASCII str."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
 def webhook_blueprint(hooks: Webhooks) -> Blueprint:
     """`/webhooks/enablex[/<token>]`; any other method on those paths is kept and refused."""
     bp = Blueprint("webhooks", __name__)
@@ -160,7 +167,7 @@ def webhook_blueprint(hooks: Webhooks) -> Blueprint:
 
     @bp.route("/webhooks/enablex/<path_token>", methods=methods)
     def webhook_with_token(path_token: str) -> Response:
-        if not token or path_token != token:
+        if not token or not tokens_match(path_token, token):
             return hooks.wrong_token("/webhooks/enablex/<redacted>")
         return hooks.handle("/webhooks/enablex/<token>")
 
