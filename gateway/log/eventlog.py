@@ -63,6 +63,11 @@ def content_hash(raw_obj: Any) -> str:
     return hashlib.sha256(canonical_json(raw_obj).encode()).hexdigest()
 
 
+def event_id_for(digest: str) -> str:
+    """An event's id, derived from its content hash: the same wherever it is computed."""
+    return "ev_" + digest[:24]
+
+
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """SHA-256 over the previous hash and the canonical JSON of the row's own columns."""
     body = canonical_json({column: row[column] for column in HASHED_COLUMNS})
@@ -250,7 +255,7 @@ def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
     event, item = prepared.item.event, prepared.item
     row = {
         "seq": seq,
-        "event_id": "ev_" + prepared.digest[:24],
+        "event_id": event_id_for(prepared.digest),
         "app_id": item.app_label,
         "voice_id": event.get("voice_id"),
         "broadcast_id": event.get("broadcast_id"),
@@ -305,6 +310,16 @@ def connected_before(conn: sqlite3.Connection, voice_id: str, occurred_at: str) 
     return row is not None
 
 
+def kept_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The allow-listed headers of a refused request, values capped: all that is kept."""
+    kept = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in ALLOWED_HEADERS:
+            kept[lower] = value[:512]
+    return kept
+
+
 def record_rejection(
     conn: sqlite3.Connection,
     *,
@@ -317,13 +332,13 @@ def record_rejection(
     path: str = "",
     remote_addr: str | None = None,
     received_at: str | None = None,
+    body_size: int | None = None,
 ) -> int:
-    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed."""
-    kept = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in ALLOWED_HEADERS:
-            kept[lower] = value[:512]
+    """Keep a refused request (capped body, allow-listed headers) so it can be re-processed.
+
+    `body_size` is the size as received when `body` is already a capped copy (a
+    rejection archived from the NATS stream)."""
+    size = len(body) if body_size is None else body_size
     cursor = conn.execute(
         "INSERT INTO rejections (received_at, error, detail, http_status, method, path, headers, "
         "body, body_size, body_truncated, remote_addr) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -334,10 +349,10 @@ def record_rejection(
             http_status,
             method,
             path,
-            json.dumps(kept, sort_keys=True),
+            json.dumps(kept_headers(headers), sort_keys=True),
             body[:BODY_CAP],
-            len(body),
-            int(len(body) > BODY_CAP),
+            size,
+            int(size > BODY_CAP),
             remote_addr,
         ),
     )

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from flask import Blueprint, Flask, Response, request
@@ -131,7 +131,17 @@ class Webhooks:
         )
 
 
-def webhook_blueprint(hooks: Webhooks) -> Blueprint:
+class Hooks(Protocol):
+    """What the webhook routes need: `Webhooks` here, `StreamWebhooks` in NATS mode."""
+
+    config: Config
+
+    def handle(self, path: str) -> Response: ...
+    def refuse(self, verdict: Rejected, path: str) -> Response: ...
+    def wrong_token(self, path: str) -> Response: ...
+
+
+def webhook_blueprint(hooks: Hooks) -> Blueprint:
     """`/webhooks/enablex[/<token>]`; any other method on those paths is kept and refused."""
     bp = Blueprint("webhooks", __name__)
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -236,11 +246,13 @@ def open_store(config: Config) -> Store:
 def create_app(config: Config | None = None) -> Flask:
     """Wire the gateway: storage, the group-commit writer, the endpoints, error handlers."""
     config = config or Config.from_env()
-    config.ensure_db_dir()
     app = Flask("callgate")
     app.config["CALLGATE"] = config
     # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
     app.config["MAX_CONTENT_LENGTH"] = None
+    if config.nats_servers:
+        return _stream_app(app, config)
+    config.ensure_db_dir()
     store = open_store(config)
     writer = (
         BatchWriter(
@@ -256,6 +268,21 @@ def create_app(config: Config | None = None) -> Flask:
     app.extensions["callgate_writer"] = writer
     app.register_blueprint(webhook_blueprint(Webhooks(config, store, writer)))
     app.register_blueprint(operations_blueprint(store))
+    register_error_handlers(app)
+    return app
+
+
+def _stream_app(app: Flask, config: Config) -> Flask:
+    """NATS mode: the same endpoints over a JetStream recorder, no database at all."""
+    from gateway.log.nats_log import NatsRecorder, NatsSettings
+    from gateway.web import nats_hooks
+
+    recorder = NatsRecorder(NatsSettings.from_config(config), metrics.observe_publish)
+    app.extensions["callgate_store"] = None
+    app.extensions["callgate_writer"] = None
+    app.extensions["callgate_recorder"] = recorder
+    app.register_blueprint(webhook_blueprint(nats_hooks.StreamWebhooks(config, recorder)))
+    app.register_blueprint(nats_hooks.operations_blueprint(recorder))
     register_error_handlers(app)
     return app
 
