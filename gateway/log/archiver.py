@@ -226,7 +226,6 @@ class ArchiveOptions:
     # (None: never; the stream's max_age still bounds them).
     purge_after: float | None = 600.0
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    idle_exit: float = 1.0
 
 
 class Archiver:
@@ -378,13 +377,14 @@ class Archiver:
     async def _archive(self, js: Any) -> None:
         stream = self.settings.stream
         subscription = None
-        idle_since: float | None = None
         last_purge = 0.0
         while not self.stop.is_set() and self._holding():
             try:
                 if subscription is None:
                     subscription = await self._consumer(js)
-                messages = await subscription.fetch(self.options.batch, timeout=1.0)
+                messages = await subscription.fetch(
+                    self.options.batch, timeout=1.0 if self.options.follow else 0.2
+                )
             except nats.errors.TimeoutError:
                 messages = []
             except nats_log.ERRORS as exc:
@@ -394,7 +394,6 @@ class Archiver:
                 await asyncio.sleep(0.2)
                 continue
             if messages:
-                idle_since = None
                 entries = [decode(m) for m in messages]
                 if not self._holding():
                     break  # another archiver may be active now: commit nothing
@@ -406,10 +405,10 @@ class Archiver:
             if self.options.purge_after is not None and now - last_purge > 1.0:
                 last_purge = now
                 await self._purge(js)
-            if not messages and not self.options.follow:
-                idle_since = idle_since or now
-                if now - idle_since >= self.options.idle_exit and await self._caught_up(js):
-                    return
+            if not messages and not self.options.follow and await self._caught_up(js):
+                if self.options.purge_after is not None:
+                    await self._purge(js)
+                return
 
     async def _caught_up(self, js: Any) -> bool:
         try:

@@ -334,7 +334,7 @@ class NatsLink:
 
     def publish(self, subject: str, payload: bytes, msg_id: str | None) -> Any:
         """Block until the PubAck (a quorum stored it) or raise Unavailable."""
-        return self.run(self._publish(subject, payload, msg_id), self.settings.publish_timeout + 2)
+        return self.run(self._publish(subject, payload, msg_id), self.settings.publish_timeout + 0.5)
 
     async def _stream_state(self) -> Any:
         js = await self.jetstream()
@@ -344,7 +344,7 @@ class NatsLink:
             raise Unavailable(f"stream info failed ({type(exc).__name__})") from None
 
     def stream_info(self) -> Any:
-        return self.run(self._stream_state(), self.settings.publish_timeout + 2)
+        return self.run(self._stream_state(), self.settings.publish_timeout + 0.5)
 
     def close(self) -> None:
         loop, thread = self._loop, self._thread
