@@ -52,7 +52,9 @@ class NatsTarget:
 
     def archive(self, db_path: str, **options: Any) -> Counts:
         """One `callgate archive` pass (no --follow): until the stream is drained."""
-        opts = ArchiveOptions(**{"db_path": db_path, "purge_after": None, "lock_ttl": 2.0, **options})
+        opts = ArchiveOptions(
+            **{"db_path": db_path, "purge_after": None, "lock_ttl": 2.0, **options}
+        )
         return asyncio.run(Archiver(self.settings(), opts).run())
 
     def cluster_crash(self) -> None:

@@ -205,9 +205,7 @@ async def ensure_stream_retrying(js: Any, settings: NatsSettings, seconds: float
             await asyncio.sleep(0.25)
 
 
-def event_message(
-    root: str, accepted: Accepted, received_at: str
-) -> tuple[str, bytes, str]:
+def event_message(root: str, accepted: Accepted, received_at: str) -> tuple[str, bytes, str]:
     """(subject, payload, Nats-Msg-Id) for an accepted request."""
     digest = eventlog.content_hash(accepted.raw_obj)
     # canonical_json, not orjson.dumps: it also carries integers beyond 64 bits.
@@ -334,7 +332,9 @@ class NatsLink:
 
     def publish(self, subject: str, payload: bytes, msg_id: str | None) -> Any:
         """Block until the PubAck (a quorum stored it) or raise Unavailable."""
-        return self.run(self._publish(subject, payload, msg_id), self.settings.publish_timeout + 0.5)
+        return self.run(
+            self._publish(subject, payload, msg_id), self.settings.publish_timeout + 0.5
+        )
 
     async def _stream_state(self) -> Any:
         js = await self.jetstream()
