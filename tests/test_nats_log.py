@@ -24,7 +24,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from gateway.config import Config, LogURLError, parse_log_url
 from gateway.db import connect
-from gateway.log import archiver
+from gateway.log import archiver, eventlog
 from gateway.log.nats_log import UnsafeStream, prepare_stream, subject_for
 from tests.conftest import CALLGATE, free_port, server_env
 from tests.corpus import APP_ID, flows
@@ -274,3 +274,34 @@ def test_one_archiver_is_active_and_a_standby_takes_over_when_it_dies(
         for proc in procs:
             proc.wait(20)
     assert "Traceback" not in "".join(p.read_text() for p in logs)
+
+
+def test_messages_a_dead_archiver_fetched_but_never_acked_are_archived_in_order(
+    nats_target: NatsTarget, tmp_path: Path, make_app: Callable[[Config], Flask]
+) -> None:
+    """The fault test found this: a standby that bound the old consumer got the newer
+    messages first and the dead holder's batch only after ack_wait, behind them."""
+    db = str(tmp_path / "a.db")
+    client = make_app(nats_target.config(db, app_ids=(APP_ID,))).test_client()
+    posted = post_flow(client, 8)
+    nats_target.archive(db)  # creates the consumer; the archive holds everything
+    posted += post_flow(client, 9)
+
+    async def fetch_and_die(j: Any) -> int:
+        sub = await j.pull_subscribe_bind(archiver.CONSUMER, stream=nats_target.stream)
+        return len(await sub.fetch(3, timeout=5))  # fetched, never acked
+
+    assert js(nats_target, fetch_and_die) == 3
+    nats_target.archive(db)
+    conn = connect(db)
+    positions = [r[0] for r in conn.execute(
+        "SELECT stream_seq FROM archive_positions ORDER BY stream_seq")]
+    conn.close()
+    assert positions == list(range(1, posted + 1))
+    wanted = []
+    for flow in (flows()[8], flows()[9]):
+        for raw in flow.events:
+            digest = eventlog.content_hash(raw)
+            if digest not in wanted:
+                wanted.append(digest)
+    assert [d for _, d in events(db)] == wanted

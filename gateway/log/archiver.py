@@ -6,9 +6,13 @@ does apply to archived events by construction) together with one row per
 stream message in `archive_positions`, in one transaction; the messages are
 acked only after that commit. So:
 
-- a crash before the commit leaves nothing half-done: the messages are redelivered;
-- a crash after it (acks lost) redelivers messages the archive already holds,
-  and they are skipped by stream sequence, read inside the same transaction;
+- the archive's own positions, not the consumer's ack floor, say where to resume:
+  whoever takes the lock (a restart, a standby, a restored file) recreates the
+  consumer at its highest archived sequence + 1, so messages a dead predecessor
+  fetched but never acked come first again, in stream order;
+- a crash before the commit leaves nothing half-done, and after it (acks lost)
+  nothing is appended twice: the batch is checked against the positions inside
+  the same transaction;
 - a redelivered webhook outside JetStream's dedup window has a new stream
   sequence but the same content hash: the log's unique index keeps it once.
 
@@ -48,7 +52,7 @@ log = logging.getLogger("callgate.archive")
 CONSUMER = "callgate-archiver"
 LOCK_KEY = "archiver"
 BATCH = 256
-ACK_WAIT_SECONDS = 30.0
+ACK_WAIT_SECONDS = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS archive_positions (
@@ -247,6 +251,7 @@ class Archiver:
         self._lock_good_until = 0.0
         self._lock_lost = asyncio.Event()
         self._revision = 0
+        self._last = 0  # the newest stream sequence appended by this holder
 
     async def run(self) -> Counts:
         nc = await nats_log.connect(self.settings, "callgate-archiver")
@@ -336,7 +341,7 @@ class Archiver:
         return not self._lock_lost.is_set() and time.monotonic() < self._lock_good_until
 
     async def _consumer(self, js: Any) -> Any:
-        """Bind the durable consumer, (re)creating it at this archive's own position."""
+        """The durable consumer, created afresh at this archive's own position."""
         stream = self.settings.stream
         done = position(self.conn, stream)
         info = await js.stream_info(stream)
@@ -347,31 +352,27 @@ class Archiver:
                 f"archive lacks (expired by max_age or purged by an archiver on another "
                 "database); restore the archive from its backup, or archive into a new file"
             )
-        try:
-            consumer = await js.consumer_info(stream, CONSUMER)
-        except nats.js.errors.NotFoundError:
-            consumer = None
-        if consumer is not None and consumer.ack_floor.stream_seq > done:
-            # Acked beyond what this file holds (another or a restored database): restart
-            # the consumer at our own position rather than skip what we never stored.
+        # Always start over at this archive's own position: a predecessor's unacked
+        # messages would otherwise come back only after ack_wait, behind newer ones, and
+        # the archive must append in stream order.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, CONSUMER)
-            consumer = None
-        if consumer is None:
-            start = (
-                {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": done + 1}
-                if done
-                else {"deliver_policy": DeliverPolicy.ALL}
-            )
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    durable_name=CONSUMER,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=ACK_WAIT_SECONDS,
-                    max_ack_pending=self.options.batch * 4,
-                    **start,
-                ),
-            )
+        start = (
+            {"deliver_policy": DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": done + 1}
+            if done
+            else {"deliver_policy": DeliverPolicy.ALL}
+        )
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT_SECONDS,
+                max_ack_pending=self.options.batch * 4,
+                **start,
+            ),
+        )
+        self._last = done
         return await js.pull_subscribe_bind(CONSUMER, stream=stream)
 
     async def _archive(self, js: Any) -> None:
@@ -395,9 +396,24 @@ class Archiver:
                 continue
             if messages:
                 entries = [decode(m) for m in messages]
+                seqs = [entry.stream_seq for entry in entries]
+                if seqs[0] <= self._last or seqs != sorted(set(seqs)):
+                    # A redelivery behind newer messages (ack_wait passed): never append
+                    # out of stream order; start over at the archive's position instead.
+                    log.warning("out-of-order delivery at %s; resetting the consumer", seqs[0])
+                    subscription = None
+                    continue
                 if not self._holding():
                     break  # another archiver may be active now: commit nothing
-                await asyncio.to_thread(commit, self.conn, stream, entries, self.counts)
+                try:
+                    await asyncio.to_thread(commit, self.conn, stream, entries, self.counts)
+                except sqlite3.Error as exc:
+                    # Nothing committed, nothing acked: start over at the archive's position.
+                    self.say(f"callgate archive: the archive could not commit ({exc}); retrying")
+                    subscription = None
+                    await asyncio.sleep(0.5)
+                    continue
+                self._last = seqs[-1]
                 for entry in entries:
                     with contextlib.suppress(*nats_log.ERRORS):
                         await entry.msg.ack()
