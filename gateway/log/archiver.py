@@ -278,7 +278,8 @@ class Archiver:
                 if self._lock_lost.is_set():
                     self.say("callgate archive: lock lost; standing by")
         finally:
-            await nc.close()
+            with contextlib.suppress(*nats_log.ERRORS):
+                await nc.close()
             self.conn.close()
         return self.counts
 

@@ -109,11 +109,15 @@ class LocalCluster:
         self.wait_ready(wait)
         return self
 
+    def argv(self, index: int) -> list[str]:
+        """The command that runs server `index` (for a supervisor of its own)."""
+        return [self.binary, "-c", str(self.nodes[index].config_path)]
+
     def start_node(self, index: int, wait: float | None = 30.0) -> None:
         node = self.nodes[index]
         log = open(node.directory / "server.log", "ab")  # noqa: SIM115 (the child keeps it)
         node.process = subprocess.Popen(
-            [self.binary, "-c", str(node.config_path)],
+            self.argv(index),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

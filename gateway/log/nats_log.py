@@ -310,7 +310,8 @@ class NatsLink:
             try:
                 await ensure_stream(js, self.settings)
             except BaseException:
-                await nc.close()
+                with contextlib.suppress(*ERRORS):
+                    await nc.close()
                 raise
             self.stream_checked = True
         self._nc, self._js = nc, js
@@ -492,6 +493,7 @@ def prepare_stream(settings: NatsSettings, seconds: float = 10.0) -> Any:
             except ERRORS as exc:
                 raise Unavailable(f"no JetStream answer ({type(exc).__name__})") from None
         finally:
-            await nc.close()
+            with contextlib.suppress(*ERRORS):
+                await nc.close()
 
     return asyncio.run(run())
