@@ -361,6 +361,10 @@ class NatsLink:
         self._pid = None
 
 
+# What a gateway answers 503 for: no PubAck, or a stream it must not write to.
+NATS_FAILURES = (Unavailable, UnsafeStream)
+
+
 class NatsRecorder:
     """The stateless gateway's log: publish each verdict and wait for its PubAck.
 
