@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from analytics import projector
 from gateway.db import connect
@@ -186,6 +187,18 @@ def _wait_until(fraction: float, driver: Driver, done: threading.Event) -> bool:
 
 
 def test_nothing_acknowledged_is_lost_or_doubled_through_kills(tmp_path: Path) -> None:
+    run_fault_test(tmp_path, COPIES)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(not os.environ.get("CALLGATE_SOAK"), reason="soak: set CALLGATE_SOAK=1")
+def test_nats_fault_soak(tmp_path: Path) -> None:
+    run_fault_test(tmp_path, COPIES * 10)
+
+
+def run_fault_test(tmp_path: Path, copies: int) -> None:
+    """Drive `copies` corpus flows through the kills; assert and print what the note reports."""
     cluster = LocalCluster(tmp_path / "nats").start()
     env = server_env(CALLGATE_NATS_TIMEOUT="1.5")
     db = str(tmp_path / "archive.db")
@@ -203,7 +216,7 @@ def test_nothing_acknowledged_is_lost_or_doubled_through_kills(tmp_path: Path) -
         archivers.start()
         archivers.active()
         archivers.start()  # the standby
-        flows = _flows(COPIES)
+        flows = _flows(copies)
         driver = Driver([g.url for g in gateways], flows)
         done = threading.Event()
 

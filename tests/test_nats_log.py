@@ -20,7 +20,7 @@ from typing import Any
 import nats
 import pytest
 from flask import Flask
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import PersistMode, StorageType, StreamConfig
 
 from gateway.config import Config, LogURLError, parse_log_url
 from gateway.db import connect
@@ -92,6 +92,17 @@ def test_a_stream_that_would_break_durability_is_refused_with_the_reason(
                              capture_output=True, text=True, env=env, timeout=60)
         assert run.returncode == 1, run.stderr
         assert "memory" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_stream_that_acks_before_the_disk_is_refused(nats_target: NatsTarget) -> None:
+    settings = nats_target.settings()
+    js(nats_target, lambda j: j.add_stream(StreamConfig(
+        name=settings.stream, subjects=[f"{settings.subject_root}.>"],
+        storage=StorageType.FILE, num_replicas=1, persist_mode=PersistMode.ASYNC)))
+    with pytest.raises(UnsafeStream) as caught:
+        prepare_stream(settings)
+    assert "persist_mode is async" in str(caught.value)
+    assert "1 replica(s)" in str(caught.value)
 
 
 def test_the_stream_is_created_replicated_on_files_with_a_long_dedup_window(
