@@ -46,7 +46,7 @@ from ingest import (  # noqa: E402
 from loadgen import LoadResult, run_python, run_wrk, wrk_path  # noqa: E402
 from minimal_app import options_for  # noqa: E402
 
-from gateway.config import parse_log_url  # noqa: E402
+from gateway.config import Config  # noqa: E402
 from gateway.db import connect  # noqa: E402
 from gateway.log.archiver import ArchiveOptions, Archiver  # noqa: E402
 from gateway.log.nats_local import LocalCluster  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.stop()
     archive = workdir / "c-archive.db"
-    settings = NatsSettings(parse_log_url(cluster.url))
+    settings = NatsSettings.from_config(Config(log=cluster.url))
     counts = asyncio.run(Archiver(settings, ArchiveOptions(str(archive), purge_after=None)).run())
     cluster.stop()
     conn = connect(str(archive))

@@ -38,7 +38,7 @@ from nats.js.api import StorageType, StreamConfig
 from gateway.config import Config
 from gateway.db import utc_now
 from gateway.log import eventlog
-from gateway.log.intake import Outcome, accepted_body
+from gateway.log.intake import Outcome, accepted_body, rejection_fields
 from gateway.wire.ingest import Accepted, Headers, Rejected, interpret
 
 log = logging.getLogger("callgate.nats")
@@ -81,23 +81,24 @@ def subject_for(root: str, event: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class NatsSettings:
-    """Where the stream lives and what it must guarantee (from gateway/config.py)."""
+    """Where the stream lives and what it must guarantee; built from `Config`, which owns
+    the variables and their defaults."""
 
     servers: tuple[str, ...]
-    stream: str = "CALLGATE"
+    stream: str
     # Subjects: <root>.call.<voice_id>, <root>.broadcast.<id>, <root>.rejection.
-    subject_root: str = "enablex"
-    replicas: int = 3
-    creds: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    publish_timeout: float = 2.0
+    subject_root: str
+    replicas: int
+    creds: str | None
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    publish_timeout: float
     # JetStream's dedup is a first line only (the archive's unique content hash is the
-    # permanent one), but 24 h covers EnableX's redeliveries and our 503 retries.
-    duplicate_window: float = 24 * 3600.0
+    # permanent one), but 24 h (the default) covers EnableX's redeliveries and 503 retries.
+    duplicate_window: float
     # The stream holds personal data: nothing stays longer than this, archived or not.
-    max_age: float = 7 * 24 * 3600.0
+    max_age: float
 
     @classmethod
     def from_config(cls, config: Config) -> NatsSettings:
@@ -397,28 +398,9 @@ class NatsRecorder:
         ack = self._publish(subject, payload, digest)
         return eventlog.AppendResult(ack.seq, eventlog.event_id_for(digest), bool(ack.duplicate))
 
-    def reject(
-        self,
-        verdict: Rejected,
-        headers: Headers,
-        body: bytes,
-        method: str,
-        path: str,
-        remote_addr: str | None,
-        received_at: str,
-    ) -> None:
-        payload = rejection_message(
-            error=verdict.code,
-            detail=verdict.detail,
-            http_status=verdict.status,
-            body=body,
-            headers=headers.pairs,
-            method=method,
-            path=path,
-            remote_addr=remote_addr,
-            received_at=received_at,
-        )
-        self._publish(f"{self.settings.subject_root}.rejection", payload, None)
+    def reject(self, fields: dict[str, Any]) -> None:
+        """Publish a refused request (`intake.rejection_fields`) and wait for its PubAck."""
+        self._publish(f"{self.settings.subject_root}.rejection", rejection_message(**fields), None)
 
     def health(self) -> dict[str, Any]:
         """A stream round trip: what `/healthz` reports (no secrets, no server addresses)."""
@@ -478,7 +460,10 @@ def refuse_to_stream(
     remote_addr: str | None,
     received_at: str | None = None,
 ) -> Outcome:
-    recorder.reject(verdict, headers, body, method, path, remote_addr, received_at or utc_now())
+    received_at = received_at or utc_now()
+    recorder.reject(
+        rejection_fields(verdict, headers, body, method, path, remote_addr, received_at)
+    )
     return Outcome(verdict.status, verdict.response(), error=verdict.code)
 
 
