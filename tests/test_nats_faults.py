@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import threading
 import time
@@ -32,6 +31,7 @@ from gateway.log import eventlog
 from gateway.log.nats_local import LocalCluster
 from tests.conftest import CALLGATE, RunningServer, server_env
 from tests.helpers_analytics import _rename_ids, corpus, snapshot
+from tests.servers import Subprocess
 
 COPIES = int(os.environ.get("CALLGATE_FAULT_COPIES", "320"))  # ~3,000 events
 SENDERS = 16
@@ -138,46 +138,33 @@ class Archivers:
 
     def __init__(self, url: str, db: str, directory: Path, env: dict[str, str]) -> None:
         self.url, self.db, self.directory, self.env = url, db, directory, env
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.parts: list[Subprocess] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
-        log = (self.directory / f"archiver-{len(self.procs)}.log").open("ab")
-        proc = subprocess.Popen(
-            [CALLGATE, "archive", "--log", self.url, "--db", self.db, "--follow",
-             "--lock-ttl", "2", "--purge-after", "0"],
-            env=self.env, stdout=log, stderr=log, start_new_session=True,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
+    def start(self) -> Subprocess:
+        part = Subprocess(self.directory / f"archiver-{len(self.parts)}.log", self.env)
+        part.launch([CALLGATE, "archive", "--log", self.url, "--db", self.db, "--follow",
+                     "--lock-ttl", "2", "--purge-after", "0"])
+        self.parts.append(part)
+        return part
 
-    def active(self) -> subprocess.Popen[bytes]:
+    def active(self) -> Subprocess:
         """The live process whose log says it holds the lock, last claim wins."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             best = None
-            for number, proc in enumerate(self.procs):
-                text = (self.directory / f"archiver-{number}.log").read_text()
-                if proc.poll() is None and "archive: active" in text:
-                    claimed = text.rfind("archive: active")
-                    lost = text.rfind("lock lost")
-                    if claimed > lost:
-                        best = proc
+            for part in self.parts:
+                text = part.log_path.read_text()
+                claimed, lost = text.rfind("archive: active"), text.rfind("lock lost")
+                if part.running and claimed > lost:
+                    best = part
             if best is not None:
                 return best
             time.sleep(0.1)
         raise TimeoutError("no active archiver")
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for part in self.parts:
+            part.stop(grace=15)
 
 
 def _wait_until(fraction: float, driver: Driver, done: threading.Event) -> bool:
@@ -233,9 +220,7 @@ def run_fault_test(tmp_path: Path, copies: int) -> None:
                 driver.phase = "gateway killed"
                 kills["gateway"] += 1
             if _wait_until(0.45, driver, done):
-                victim = archivers.active()
-                os.killpg(victim.pid, signal.SIGKILL)
-                victim.wait()
+                archivers.active().kill()
                 kills["archiver"] += 1
                 driver.phase = "archiver killed"
             if _wait_until(0.55, driver, done):

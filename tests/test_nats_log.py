@@ -9,8 +9,6 @@ pinned dependency.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from gateway.log.nats_log import UnsafeStream, prepare_stream, subject_for
 from tests.conftest import CALLGATE, free_port, server_env
 from tests.corpus import APP_ID, flows
 from tests.nats_support import NatsTarget
+from tests.servers import Subprocess
 
 
 async def _js(target: NatsTarget, job: Callable[[Any], Any]) -> Any:
@@ -242,17 +241,14 @@ def test_one_archiver_is_active_and_a_standby_takes_over_when_it_dies(
     settings = nats_target.settings()
     env = server_env(CALLGATE_NATS_STREAM=settings.stream,
                      CALLGATE_NATS_SUBJECT_ROOT=settings.subject_root)
-    procs: list[subprocess.Popen[bytes]] = []
     logs = [tmp_path / f"archiver-{n}.log" for n in range(2)]
+    parts = [Subprocess(log, env) for log in logs]
 
-    def start(number: int) -> subprocess.Popen[bytes]:
-        with logs[number].open("ab") as out:
-            proc = subprocess.Popen(
-                [CALLGATE, "archive", "--log", nats_target.cluster.url, "--db", db, "--follow",
-                 "--lock-ttl", "1.5", "--no-purge"],
-                env=env, stdout=out, stderr=out, start_new_session=True)
-        procs.append(proc)
-        return proc
+    def start(number: int) -> Subprocess:
+        parts[number].launch(
+            [CALLGATE, "archive", "--log", nats_target.cluster.url, "--db", db, "--follow",
+             "--lock-ttl", "1.5", "--no-purge"])
+        return parts[number]
 
     def wait_for(check: Callable[[], bool], seconds: float = 20) -> None:
         deadline = time.monotonic() + seconds
@@ -267,23 +263,19 @@ def test_one_archiver_is_active_and_a_standby_takes_over_when_it_dies(
         wait_for(lambda: "standing by" in logs[1].read_text())
         posted = post_flow(client, 6)
         wait_for(lambda: len(events(db)) >= len({*map(str, flows()[6].events)}) - 1)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        first.kill()
         posted += post_flow(client, 7)
         wait_for(lambda: "archive: active" in logs[1].read_text())
         conn = connect(db)
         wait_for(lambda: conn.execute(
             "SELECT count(*) FROM archive_positions").fetchone()[0] == posted)
         conn.close()
-        assert standby.poll() is None
+        assert standby.running
         logged = events(db)
         assert len(logged) == len({d for _, d in logged})
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.wait(20)
+        for part in parts:
+            part.stop(grace=20)
     assert "Traceback" not in "".join(p.read_text() for p in logs)
 
 
