@@ -37,6 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats.errors
@@ -47,6 +48,7 @@ from gateway.db import connect, transaction, utc_now
 from gateway.log import eventlog, nats_log
 from gateway.log.intake import to_new_event
 from gateway.wire.ingest import Accepted
+from gateway.wire.schemas import format_utc
 
 log = logging.getLogger("callgate.archive")
 CONSUMER = "callgate-archiver"
@@ -437,10 +439,6 @@ class Archiver:
     async def _purge(self, js: Any) -> None:
         """Drop archived messages from the stream, per subject, up to what is archived."""
         assert self.options.purge_after is not None
-        from datetime import UTC, datetime, timedelta
-
-        from gateway.wire.schemas import format_utc
-
         before = format_utc(datetime.now(UTC) - timedelta(seconds=self.options.purge_after))
         for subject, upto in purgeable(self.conn, self.settings.stream, before):
             try:
