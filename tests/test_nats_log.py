@@ -9,6 +9,7 @@ pinned dependency.
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from nats.js.api import PersistMode, StorageType, StreamConfig
 from gateway.config import Config, LogURLError, parse_log_url
 from gateway.db import connect
 from gateway.log import archiver, eventlog
+from gateway.log.nats_local import nats_server_binary
 from gateway.log.nats_log import UnsafeStream, prepare_stream, subject_for
 from tests.conftest import CALLGATE, free_port, server_env
 from tests.corpus import APP_ID, flows
@@ -308,3 +310,33 @@ def test_messages_a_dead_archiver_fetched_but_never_acked_are_archived_in_order(
             if digest not in wanted:
                 wanted.append(digest)
     assert [d for _, d in events(db)] == wanted
+
+
+def _wait_listening(port: int, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
+
+
+def test_a_server_without_jetstream_means_503_log_unavailable(
+    tmp_path: Path, make_app: Callable[[Config], Flask]
+) -> None:
+    port = free_port()
+    plain = Subprocess(tmp_path / "plain-nats.log")
+    plain.launch([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+                 lambda: _wait_listening(port))
+    try:
+        config = Config(db_path=str(tmp_path / "a.db"), app_ids=(APP_ID,),
+                        log=f"nats://127.0.0.1:{port}", nats_timeout=0.5)
+        client = make_app(config).test_client()
+        request = flows()[0].wire[0]
+        answer = client.post("/webhooks/enablex", data=request.body, headers=request.headers)
+        assert answer.status_code == 503 and answer.headers["Retry-After"]
+        assert answer.get_json()["error"] == "log_unavailable"
+    finally:
+        plain.stop()

@@ -310,9 +310,11 @@ class NatsLink:
         if not self.stream_checked:
             try:
                 await ensure_stream(js, self.settings)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(*ERRORS):
                     await nc.close()
+                if isinstance(exc, ERRORS):  # e.g. a server without JetStream
+                    raise Unavailable(f"no JetStream answer ({type(exc).__name__})") from None
                 raise
             self.stream_checked = True
         self._nc, self._js = nc, js
