@@ -22,6 +22,8 @@ from tests.servers import Subprocess, free_port, wait_http
 if TYPE_CHECKING:  # imported lazily below: test_datasette_helpers imports this module
     from tests.test_datasette_helpers import Built, Datasette
 
+pytest_plugins = ("tests.nats_support",)  # the real NATS cluster fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 CALLGATE = str(Path(sys.executable).parent / "callgate")
 
@@ -67,6 +69,9 @@ def make_app() -> Iterator[Callable[[Config], Flask]]:
         writer = app.extensions["callgate_writer"]
         if writer is not None:
             writer.close()
+        recorder = app.extensions.get("callgate_recorder")
+        if recorder is not None:  # NATS mode: its event-loop thread
+            recorder.close()
 
 
 @pytest.fixture

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from gateway.cli.log import _open
 from gateway.cli.options import check_keys, db_option
+from gateway.cli.supervisor import Part
 from gateway.db import log_head
+from gateway.log.nats_local import LocalCluster
 
 
 @click.command("up")
@@ -26,6 +30,13 @@ from gateway.db import log_head
     metavar="URL",
     help="Also stream the log to URL with Litestream (see `callgate replicate`).",
 )
+@click.option(
+    "--nats",
+    is_flag=True,
+    help="High-availability layout on this machine: a 3-node NATS cluster (loopback, "
+    "stores under <db dir>/nats), two stateless gateways on --port and --port+1, an active "
+    "and a standby archiver into --db.",
+)
 def up(
     db: str,
     host: str,
@@ -36,12 +47,13 @@ def up(
     demo_if_empty: bool,
     no_forward: bool,
     replica_url: str | None,
+    nats: bool,
 ) -> None:
     """The main job: gateway + projector + forwarder + Datasette; Ctrl-C stops all."""
     import os
     import threading
 
-    from gateway.cli.supervisor import Part, Supervisor, callgate_executable
+    from gateway.cli.supervisor import Supervisor, callgate_executable
 
     check_keys(db)
     conn = _open(db)
@@ -64,23 +76,11 @@ def up(
             click.echo("callgate up: --replicate: gateway checkpoints switched to passive")
             env["CALLGATE_CHECKPOINT"] = "passive"  # TRUNCATE would stall beside Litestream
         parts.append(Part("replicate", [*exe, "replicate", replica_url, "--db", db]))
-    parts += [
-        Part(
-            "gateway",
-            [
-                *exe,
-                "serve",
-                "--db",
-                db,
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
-        ),
-    ]
+    serve = [*exe, "serve", "--db", db, "--host", host, "--workers", str(workers)]
+    if nats:
+        parts += _nats_parts(db, serve, port, exe)
+    else:
+        parts.append(Part("gateway", [*serve, "--port", str(port)]))
     for name, argv in (
         ("project", ["project", "--follow"]),
         ("forward", ["forward", "--follow"]),
@@ -90,8 +90,11 @@ def up(
             parts.append(Part(name, [*exe, *argv, "--db", db]))
     supervisor = Supervisor(parts, env)
     supervisor.start()
+    gateways = f"http://{host}:{port}/webhooks/enablex"
+    if nats:
+        gateways += f" and http://{host}:{port + 1}/webhooks/enablex (NATS)"
     click.echo(
-        f"callgate up: gateway http://{host}:{port}/webhooks/enablex  "
+        f"callgate up: gateway {gateways}  "
         f"datasette http://{host}:{datasette_port}/  (Ctrl-C stops all)"
     )
     if play_demo:
@@ -99,6 +102,19 @@ def up(
             target=_play_demo, args=(f"http://{host}:{port}", supervisor), daemon=True
         ).start()
     raise SystemExit(supervisor.wait())
+
+
+def _nats_parts(db: str, serve: list[str], port: int, exe: list[str]) -> list[Part]:
+    """Three NATS servers, two gateways publishing to them, two archivers (one stands by)."""
+    cluster = LocalCluster(Path(db).resolve().parent / "nats")
+    parts = [Part(node.name, cluster.argv(i)) for i, node in enumerate(cluster.nodes)]
+    for number, gateway_port in enumerate((port, port + 1), start=1):
+        parts.append(
+            Part(f"gateway-{number}", [*serve, "--port", str(gateway_port), "--log", cluster.url])
+        )
+    for name in ("archive", "archive-standby"):
+        parts.append(Part(name, [*exe, "archive", "--follow", "--log", cluster.url, "--db", db]))
+    return parts
 
 
 def _play_demo(base_url: str, supervisor) -> None:  # type: ignore[no-untyped-def]
