@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -18,7 +19,8 @@ from flask.testing import FlaskClient
 
 from gateway.config import Config
 from gateway.db import connect
-from gateway.log import eventlog, keystore
+from gateway.log import eventlog, keystore, sealing
+from tests.conftest import dedup_key_of
 from tests.corpus import APP_ID, flows
 from tests.nats_support import NatsTarget
 
@@ -44,23 +46,27 @@ class Backend:
         finally:
             conn.close()
 
-    def digest(self, raw: object) -> str:
-        """The log's dedup hash of a raw event: keyed with its key store's dedup key."""
+    def digests(self, raws: list[dict[str, Any]]) -> list[str]:
+        """The log's dedup hashes of these raw events, first occurrences in order: keyed
+        with the dedup key of the log's own key store (the archive's, for NATS)."""
         self.settle()
-        conn = connect(self.db_path)
-        try:
-            eventlog.ensure_schema(conn)
-            return eventlog.content_hash(raw, keystore.for_database(conn).dedup_key)
-        finally:
-            keystore.forget(conn)
-            conn.close()
+        key = dedup_key_of(self.db_path)
+        return list(dict.fromkeys(eventlog.content_hash(raw, key) for raw in raws))
 
     def rejections(self) -> list[dict[str, object]]:
+        """The rejections kept, each `body` opened (it is sealed) with the log's key store."""
         self.settle()
         conn = connect(self.db_path)
         try:
-            return [dict(row) for row in conn.execute("SELECT * FROM rejections ORDER BY id")]
+            opener = sealing.Opener(keystore.for_database(conn))
+            rows = [dict(row) for row in conn.execute("SELECT * FROM rejections ORDER BY id")]
+            for row in rows:
+                stored = bytes(row["body"])
+                assert stored.startswith(sealing.BODY_PREFIX)  # never kept in the clear
+                row["body"] = opener.body(stored)
+            return rows
         finally:
+            keystore.forget(conn)
             conn.close()
 
 
@@ -88,15 +94,11 @@ def backend(
 
 def test_append_keeps_every_event_once_in_post_order(backend: Backend) -> None:
     flow = flows()[0]
-    digests: list[str] = []
     for request in flow.wire:
         answer = backend.post(request.body, request.headers)
         assert answer.status_code == 200, answer.get_json()
         assert answer.get_json()["event_id"].startswith("ev_")
-    for raw in flow.events:
-        digest = backend.digest(raw)
-        if digest not in digests:
-            digests.append(digest)
+    digests = backend.digests(flow.events)
     log = backend.log()
     assert [row["content_hash"] for row in log] == digests
     conn = connect(backend.db_path)
@@ -121,11 +123,7 @@ def test_each_calls_events_keep_their_order_when_calls_interleave(backend: Backe
         assert backend.post(request.body, request.headers).status_code == 200
     log = backend.log()
     for flow in (a, b):
-        wanted = []
-        for raw in flow.events:
-            digest = backend.digest(raw)
-            if digest not in wanted:
-                wanted.append(digest)
+        wanted = backend.digests(flow.events)
         assert [r["content_hash"] for r in log if r["content_hash"] in set(wanted)] == wanted
 
 

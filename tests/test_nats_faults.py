@@ -29,7 +29,7 @@ from analytics import projector
 from gateway.db import connect
 from gateway.log import eventlog
 from gateway.log.nats_local import LocalCluster
-from tests.conftest import CALLGATE, RunningServer, server_env
+from tests.conftest import CALLGATE, RunningServer, dedup_key_of, server_env
 from tests.helpers_analytics import _rename_ids, corpus, snapshot
 from tests.servers import Subprocess
 
@@ -51,8 +51,11 @@ def _flows(copies: int, seed: int = 20) -> list[list[dict[str, Any]]]:
 class Driver:
     """Senders posting each flow's events in order, failing over between gateways."""
 
-    def __init__(self, gateways: list[str], flows: list[list[dict[str, Any]]]) -> None:
+    def __init__(
+        self, gateways: list[str], flows: list[list[dict[str, Any]]], dedup_key: bytes
+    ) -> None:
         self.gateways = gateways
+        self.dedup_key = dedup_key  # the archive's: acked events are named by its hashes
         self.flows = flows
         self.total = sum(len(flow) for flow in flows)
         self.posted = 0  # requests answered 2xx
@@ -123,7 +126,7 @@ class Driver:
             if answer.status_code != 200:
                 self.bad.append(f"{answer.status_code} {answer.text[:200]}")
                 return
-            digest = eventlog.content_hash(raw)
+            digest = eventlog.content_hash(raw, self.dedup_key)
             with self._lock:
                 self.posted += 1
                 self.duplicates += bool(answer.json()["duplicate"])
@@ -189,6 +192,7 @@ def run_fault_test(tmp_path: Path, copies: int) -> None:
     cluster = LocalCluster(tmp_path / "nats").start()
     env = server_env(CALLGATE_NATS_TIMEOUT="1.5")
     db = str(tmp_path / "archive.db")
+    dedup_key = dedup_key_of(db)  # the archive's key store, made before its archivers start
     gateways = [
         RunningServer(str(tmp_path / f"gw{n}.db"), env, workers=1,
                       log_path=tmp_path / f"gateway-{n}.log",
@@ -204,7 +208,7 @@ def run_fault_test(tmp_path: Path, copies: int) -> None:
         archivers.active()
         archivers.start()  # the standby
         flows = _flows(copies)
-        driver = Driver([g.url for g in gateways], flows)
+        driver = Driver([g.url for g in gateways], flows, dedup_key)
         done = threading.Event()
 
         def chaos() -> None:

@@ -265,13 +265,17 @@ class Archiver:
                 if not await self._acquire(kv):
                     break
                 self.say(f"callgate archive: active ({self.options.holder})")
-                renewer = asyncio.ensure_future(self._renew(kv))
+                done = asyncio.Event()
+                renewer = asyncio.ensure_future(self._renew(kv, done))
                 try:
                     await self._archive(js)
                 finally:
-                    renewer.cancel()
+                    # Let a renewal in flight finish rather than cancel it: the server
+                    # may already have applied it, and the delete below needs the
+                    # revision it returns (else the lock outlives a clean stop by a ttl).
+                    done.set()
                     with contextlib.suppress(BaseException):
-                        await renewer
+                        await asyncio.wait_for(renewer, self.options.lock_ttl)
                     if not self._lock_lost.is_set():
                         with contextlib.suppress(*nats_log.ERRORS):
                             await kv.delete(LOCK_KEY, last=self._revision)
@@ -323,9 +327,12 @@ class Archiver:
                 await asyncio.wait_for(self.stop.wait(), self.options.lock_ttl / 4)
         return False
 
-    async def _renew(self, kv: Any) -> None:
+    async def _renew(self, kv: Any, done: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.options.lock_ttl / 4)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), self.options.lock_ttl / 4)
+            if done.is_set():
+                return
             sent = time.monotonic()
             try:
                 self._revision = await kv.update(
