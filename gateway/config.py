@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,35 @@ def _flag(value: str | None, default: bool) -> bool:
 
 def _number(value: str | None, kind: type[int] | type[float]) -> Any:
     return kind(value) if value and value.strip() else None
+
+
+class LogURLError(ValueError):
+    """`--log` / CALLGATE_LOG is neither `sqlite` nor `nats://host:port[,host:port…]`."""
+
+
+_HOST_PORT = re.compile(r"(?:[^@/\s]+@)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+def parse_log_url(value: str | None) -> tuple[str, ...]:
+    """`sqlite` (or nothing) → (); `nats://a:4222,b:4222` → each server's URL.
+
+    `tls://` works as NATS clients expect; `user:password@` may precede a host.
+    """
+    text = (value or "sqlite").strip()
+    if text == "sqlite":
+        return ()
+    scheme = next((s for s in ("nats://", "tls://") if text.startswith(s)), None)
+    if scheme is None:
+        raise LogURLError("--log must be `sqlite` or nats://host:port[,host:port...]")
+    servers = []
+    for part in text[len(scheme) :].split(","):
+        part = part.strip().removeprefix(scheme)
+        match = _HOST_PORT.fullmatch(part)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            # Never echo the part: it may carry user:password.
+            raise LogURLError("each NATS server in --log must be written host:port")
+        servers.append(scheme + part)
+    return tuple(servers)
 
 
 def split_app_ids(value: str | None) -> tuple[str, ...]:
@@ -74,10 +104,26 @@ class Config:
     master_key: str | None = field(default=None, repr=False)
     retention_days: float | None = None
     public_pii: str = PUBLIC_PII_POLICIES[0]
+    # The log backend: `sqlite` (the embedded default) or nats://host:port[,host:port...].
+    log: str = field(default="sqlite", repr=False)
+    nats_stream: str = "CALLGATE"
+    nats_subject_root: str = "enablex"
+    nats_replicas: int = 3
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    # Under EnableX's ~5 s patience: no PubAck by then answers 503 (EnableX redelivers).
+    nats_timeout: float = 2.0
+    nats_duplicate_window: float = 24 * 3600.0
+    nats_max_age: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_env(
-        cls, db_path: str | None = None, env: Mapping[str, str] | None = None
+        cls,
+        db_path: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log: str | None = None,
     ) -> Config:
         env = dict(os.environ if env is None else env)
         return cls(
@@ -99,7 +145,23 @@ class Config:
             master_key=env.get(MASTER_KEY_ENV) or None,
             retention_days=_number(env.get("CALLGATE_RETENTION_DAYS"), float),
             public_pii=_choice(env, PUBLIC_PII_ENV, PUBLIC_PII_POLICIES),
+            log=log or env.get("CALLGATE_LOG") or "sqlite",
+            nats_stream=env.get("CALLGATE_NATS_STREAM") or "CALLGATE",
+            nats_subject_root=env.get("CALLGATE_NATS_SUBJECT_ROOT") or "enablex",
+            nats_replicas=int(env.get("CALLGATE_NATS_REPLICAS") or 3),
+            nats_creds=env.get("CALLGATE_NATS_CREDS") or None,
+            nats_tls_ca=env.get("CALLGATE_NATS_TLS_CA") or None,
+            nats_tls_cert=env.get("CALLGATE_NATS_TLS_CERT") or None,
+            nats_tls_key=env.get("CALLGATE_NATS_TLS_KEY") or None,
+            nats_timeout=float(env.get("CALLGATE_NATS_TIMEOUT") or 2.0),
+            nats_duplicate_window=float(env.get("CALLGATE_NATS_DUPLICATE_WINDOW") or 86400),
+            nats_max_age=float(env.get("CALLGATE_NATS_MAX_AGE") or 7 * 86400),
         )
+
+    @property
+    def nats_servers(self) -> tuple[str, ...]:
+        """The NATS servers of `log`, or () for the embedded SQLite log."""
+        return parse_log_url(self.log)
 
     def ensure_db_dir(self) -> None:
         parent = Path(self.db_path).parent

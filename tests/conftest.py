@@ -15,6 +15,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway.config import Config
+from gateway.db import connect
+from gateway.log import eventlog, keystore
 from gateway.web.app import create_app
 from tests.corpus import APP_ID
 from tests.servers import Subprocess, free_port, wait_http
@@ -22,8 +24,21 @@ from tests.servers import Subprocess, free_port, wait_http
 if TYPE_CHECKING:  # imported lazily below: test_datasette_helpers imports this module
     from tests.test_datasette_helpers import Built, Datasette
 
+pytest_plugins = ("tests.nats_support",)  # the real NATS cluster fixtures
+
 REPO = Path(__file__).resolve().parent.parent
 CALLGATE = str(Path(sys.executable).parent / "callgate")
+
+
+def dedup_key_of(db: str) -> bytes:
+    """The keyed-hash secret of this database's key store: what its event ids are made with."""
+    conn = connect(db)
+    try:
+        eventlog.ensure_schema(conn)
+        return keystore.for_database(conn).dedup_key
+    finally:
+        keystore.forget(conn)  # restore refuses files another process holds open
+        conn.close()
 
 
 @pytest.fixture
@@ -67,6 +82,9 @@ def make_app() -> Iterator[Callable[[Config], Flask]]:
         writer = app.extensions["callgate_writer"]
         if writer is not None:
             writer.close()
+        recorder = app.extensions.get("callgate_recorder")
+        if recorder is not None:  # NATS mode: its event-loop thread
+            recorder.close()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from gateway.db import connect
 from gateway.log import eventlog, keystore
 from gateway.log.backup import companion_file
 from gateway.log.writer import BatchWriter
-from tests.conftest import CALLGATE, RunningServer, server_env
+from tests.conftest import CALLGATE, RunningServer, dedup_key_of, server_env
 from tests.servers import Subprocess, free_port, wait_http
 from tests.test_crash_safety import HEADERS, make_events
 from tests.test_group_commit import new_event
@@ -51,17 +51,6 @@ def make_log(path: str, count: int, start: int = 0) -> None:
     eventlog.append_batch(conn, [new_event(n) for n in range(start, start + count)])
     keystore.forget(conn)  # close the key store sealing opened: restore refuses open files
     conn.close()
-
-
-def dedup_key_of(db: str) -> bytes:
-    """The keyed-hash secret of this database's key store: what its event ids are made with."""
-    conn = connect(db)
-    try:
-        eventlog.ensure_schema(conn)
-        return keystore.for_database(conn).dedup_key
-    finally:
-        keystore.forget(conn)  # restore refuses files another process holds open
-        conn.close()
 
 
 def chain(path: str) -> list[tuple[int, str]]:

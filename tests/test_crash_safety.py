@@ -30,9 +30,9 @@ import httpx
 import pytest
 
 from gateway.db import connect
-from gateway.log import eventlog, keystore
+from gateway.log import eventlog
 from gateway.wire.crypto import encrypt_event
-from tests.conftest import CALLGATE, RunningServer, server_env
+from tests.conftest import CALLGATE, RunningServer, dedup_key_of, server_env
 from tests.corpus import APP_ID
 from tests.servers import Subprocess
 
@@ -148,11 +148,8 @@ def run_crash_test(tmp_path: Path, n_events: int, n_kills: int, clients: int,
                    seed: int) -> None:
     db = str(tmp_path / "callgate.db")
     rng = random.Random(seed)
-    conn = connect(db)  # the key store the server will use, made first: its dedup key
-    eventlog.ensure_schema(conn)
-    dedup_key = keystore.for_database(conn).dedup_key
-    conn.close()
-    events = make_events(n_events, seed, dedup_key)
+    # The key store the server will use, made first: its dedup key makes the event ids.
+    events = make_events(n_events, seed, dedup_key_of(db))
     server = RunningServer(db, server_env(), log_path=tmp_path / "server.log")
     projector = Projector(db)
     server.start()

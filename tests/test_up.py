@@ -107,3 +107,46 @@ def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
             raise AssertionError(f"port {check_port} still served after stop")
         except httpx.HTTPError:
             pass
+
+
+def test_up_nats_runs_a_cluster_two_gateways_and_archivers(tmp_path) -> None:
+    db = str(tmp_path / "up.db")
+    port, ds_port = free_port(), free_port()
+    while port + 1 == ds_port:
+        ds_port = free_port()
+    proc = subprocess.Popen(
+        [CALLGATE, "up", "--nats", "--db", db, "--port", str(port),
+         "--datasette-port", str(ds_port), "--no-forward"],
+        env=server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        for gateway in (port, port + 1):
+            wait_http(f"http://127.0.0.1:{gateway}/healthz", timeout=60, proc=proc)
+        assert httpx.get(f"http://127.0.0.1:{port + 1}/healthz").json()["log"] == "nats"
+        event = {"voice_id": "up-nats-1", "state": "incomingcall",
+                 "timestamp": "2026-12-01T10:00:00.000Z"}
+        answer = httpx.post(f"http://127.0.0.1:{port + 1}/webhooks/enablex", json=event)
+        assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 60
+        calls = 0
+        while time.monotonic() < deadline and not calls:
+            time.sleep(0.5)
+            try:
+                with sqlite3.connect(db) as conn:
+                    calls = conn.execute(
+                        "SELECT count(*) FROM calls WHERE voice_id = 'up-nats-1'").fetchone()[0]
+            except sqlite3.OperationalError:
+                calls = 0
+        assert calls == 1, "the event did not reach the archive and the calls projection"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        output = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert proc.returncode == 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    for check_port in (port, port + 1, ds_port):
+        try:
+            httpx.get(f"http://127.0.0.1:{check_port}/", timeout=2)
+            raise AssertionError(f"port {check_port} still served after stop")
+        except httpx.HTTPError:
+            pass

@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli import backup, datasette, erase, forward, log, project, serve, simulate, up
+from gateway.cli import (
+    archive,
+    backup,
+    datasette,
+    erase,
+    forward,
+    log,
+    project,
+    serve,
+    simulate,
+    up,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +35,7 @@ def main() -> None:
 
 for _command in (
     serve.serve,
+    *archive.COMMANDS,
     *log.COMMANDS,
     up.up,
     simulate.simulate_command,

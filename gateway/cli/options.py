@@ -48,3 +48,27 @@ def check_keys(db: str) -> None:
                    err=True)
     finally:
         conn.close()
+def log_option(func):  # type: ignore[no-untyped-def]
+    """`--log`: the embedded SQLite log (default) or a NATS JetStream cluster."""
+    return click.option(
+        "--log",
+        "log",
+        envvar="CALLGATE_LOG",
+        default="sqlite",
+        show_default=True,
+        metavar="sqlite|nats://HOST:PORT[,HOST:PORT...]",
+        help="Event log backend (overrides $CALLGATE_LOG).",
+    )(func)
+
+
+def log_config(db: str, log: str):  # type: ignore[no-untyped-def]
+    """The Config for `--db`/`--log`; a malformed `--log` is a clear error, exit 1."""
+    from gateway.config import Config, LogURLError
+
+    config = Config.from_env(db_path=db, log=log)
+    try:
+        config.nats_servers  # noqa: B018 (parses, raising on a bad value)
+    except LogURLError as exc:
+        click.echo(f"callgate: {exc}", err=True)
+        raise SystemExit(1) from None
+    return config

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from gateway.cli.options import check_keys, db_option
+from gateway.cli.options import check_keys, db_option, log_config, log_option
+from gateway.config import Config
 from gateway.web.server import ServeOptions
 from gateway.web.server import serve as run_server
 
@@ -13,6 +14,7 @@ DEFAULTS = ServeOptions()
 
 @click.command("serve")
 @db_option
+@log_option
 @click.option("--host", default=DEFAULTS.host, show_default=True, help="Address to bind.")
 @click.option("--port", default=DEFAULTS.port, show_default=True, type=int, help="Port to bind.")
 @click.option(
@@ -49,6 +51,7 @@ DEFAULTS = ServeOptions()
 )
 def serve(
     db: str,
+    log: str,
     host: str,
     port: int,
     workers: int,
@@ -58,8 +61,16 @@ def serve(
     read_timeout: float,
     cpu_affinity: bool,
 ) -> None:
-    """Serve the webhook gateway under gunicorn (POST /webhooks/enablex)."""
-    check_keys(db)
+    """Serve the webhook gateway under gunicorn (POST /webhooks/enablex).
+
+    With --log nats://…, the gateway keeps no state: it answers 2xx once JetStream
+    acknowledged the event, and `callgate archive` fills the SQLite log.
+    """
+    config = log_config(db, log)
+    if config.nats_servers:
+        _check_stream(config)
+    else:
+        check_keys(db)
     run_server(
         ServeOptions(
             host=host,
@@ -74,4 +85,19 @@ def serve(
             cpu_affinity=cpu_affinity,
         ),
         db,
+        log,
     )
+
+
+def _check_stream(config: Config) -> None:
+    """Refuse to start on a stream whose settings break "2xx means stored"; warn if NATS
+    cannot be reached yet (the gateway then answers 503 until it can)."""
+    from gateway.log.nats_log import NatsSettings, Unavailable, UnsafeStream, prepare_stream
+
+    try:
+        prepare_stream(NatsSettings.from_config(config))
+    except UnsafeStream as exc:
+        click.echo(f"callgate serve: {exc}", err=True)
+        raise SystemExit(1) from None
+    except Unavailable as exc:
+        click.echo(f"callgate serve: warning: {exc}; answering 503 until it answers", err=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from gateway.cli.log import _open
 from gateway.cli.options import check_keys, db_option
-from gateway.cli.supervisor import Supervisor
+from gateway.cli.supervisor import Part, Supervisor
 from gateway.db import log_head
+from gateway.log.nats_local import LocalCluster
 from gateway.simulate.sender import DEMO_CALLS
 
 
@@ -35,6 +38,13 @@ from gateway.simulate.sender import DEMO_CALLS
     metavar="URL",
     help="Also stream the log to URL with Litestream (see `callgate replicate`).",
 )
+@click.option(
+    "--nats",
+    is_flag=True,
+    help="High-availability layout on this machine: a 3-node NATS cluster (loopback, "
+    "stores under <db dir>/nats), two stateless gateways on --port and --port+1, an active "
+    "and a standby archiver into --db.",
+)
 def up(
     db: str,
     host: str,
@@ -46,12 +56,13 @@ def up(
     demo_calls: int,
     no_forward: bool,
     replica_url: str | None,
+    nats: bool,
 ) -> None:
     """The main job: gateway + projector + forwarder + Datasette; Ctrl-C stops all."""
     import os
     import threading
 
-    from gateway.cli.supervisor import Part, callgate_executable
+    from gateway.cli.supervisor import callgate_executable
 
     check_keys(db)
     conn = _open(db)
@@ -75,23 +86,11 @@ def up(
             click.echo("callgate up: --replicate: gateway checkpoints switched to passive")
             env["CALLGATE_CHECKPOINT"] = "passive"  # TRUNCATE would stall beside Litestream
         parts.append(Part("replicate", [*exe, "replicate", replica_url, "--db", db]))
-    parts += [
-        Part(
-            "gateway",
-            [
-                *exe,
-                "serve",
-                "--db",
-                db,
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
-        ),
-    ]
+    serve = [*exe, "serve", "--db", db, "--host", host, "--workers", str(workers)]
+    if nats:
+        parts += _nats_parts(db, serve, port, exe)
+    else:
+        parts.append(Part("gateway", [*serve, "--port", str(port)]))
     for name, argv in (
         ("project", ["project", "--follow"]),
         ("forward", ["forward", "--follow"]),
@@ -101,8 +100,11 @@ def up(
             parts.append(Part(name, [*exe, *argv, "--db", db]))
     supervisor = Supervisor(parts, env)
     supervisor.start()
+    gateways = f"http://{host}:{port}/webhooks/enablex"
+    if nats:
+        gateways += f" and http://{host}:{port + 1}/webhooks/enablex (NATS)"
     click.echo(
-        f"callgate up: gateway http://{host}:{port}/webhooks/enablex  "
+        f"callgate up: gateway {gateways}  "
         f"datasette http://{host}:{datasette_port}/  (Ctrl-C stops all)"
     )
     if play_demo:
@@ -111,6 +113,19 @@ def up(
             daemon=True,
         ).start()
     raise SystemExit(supervisor.wait())
+
+
+def _nats_parts(db: str, serve: list[str], port: int, exe: list[str]) -> list[Part]:
+    """Three NATS servers, two gateways publishing to them, two archivers (one stands by)."""
+    cluster = LocalCluster(Path(db).resolve().parent / "nats")
+    parts = [Part(node.name, cluster.argv(i)) for i, node in enumerate(cluster.nodes)]
+    for number, gateway_port in enumerate((port, port + 1), start=1):
+        parts.append(
+            Part(f"gateway-{number}", [*serve, "--port", str(gateway_port), "--log", cluster.url])
+        )
+    for name in ("archive", "archive-standby"):
+        parts.append(Part(name, [*exe, "archive", "--follow", "--log", cluster.url, "--db", db]))
+    return parts
 
 
 def _play_demo(
@@ -132,7 +147,8 @@ def _play_demo(
         click.echo(f"callgate up: demo traffic sent ({report.acknowledged} of {report.planned} "
                    "webhooks accepted)")
     finally:
-        if supervisor.restart("gateway", after_demo):
+        gateways = [p.name for p in supervisor.parts if p.name.startswith("gateway")]
+        if all(supervisor.restart(name, after_demo) for name in gateways):
             _wait_healthy(base_url, supervisor)
             click.echo("callgate up: demo app id dropped (the gateway accepts ENABLEX_APP_ID only)")
 

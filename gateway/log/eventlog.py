@@ -78,6 +78,11 @@ def content_hash(raw_obj: Any, key: bytes | None = None) -> str:
     return hmac.digest(key, text, "sha256").hex()
 
 
+def event_id_for(digest: str) -> str:
+    """An event's id, derived from its content hash: the same wherever it is computed."""
+    return "ev_" + digest[:24]
+
+
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     """SHA-256 over the previous hash and the canonical JSON of the row's own columns."""
     body = canonical_json({column: row[column] for column in HASHED_COLUMNS})
@@ -304,7 +309,7 @@ def _row(prepared: _Prepared, seq: int, prev_hash: str) -> dict[str, Any]:
     event, item = prepared.item.event, prepared.item
     row = {
         "seq": seq,
-        "event_id": "ev_" + prepared.digest[:24],
+        "event_id": event_id_for(prepared.digest),
         "app_id": item.app_label,
         "voice_id": event.get("voice_id"),
         "broadcast_id": event.get("broadcast_id"),
@@ -361,6 +366,16 @@ def connected_before(conn: sqlite3.Connection, voice_id: str, occurred_at: str) 
     return row is not None
 
 
+def kept_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The allow-listed headers of a refused request, values capped: all that is kept."""
+    kept = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in ALLOWED_HEADERS:
+            kept[lower] = value[:512]
+    return kept
+
+
 def record_rejection(
     conn: sqlite3.Connection,
     *,
@@ -374,21 +389,20 @@ def record_rejection(
     remote_addr: str | None = None,
     received_at: str | None = None,
     store: KeyStore | None = None,
-    cap: int = BODY_CAP,
+    body_size: int | None = None,
 ) -> int:
-    """Keep a refused request (body capped at `cap` bytes, allow-listed headers) so it can
+    """Keep a refused request (capped body, allow-listed headers) so it can
     be re-processed.
 
     The body is sealed under a key of its own (it may hold an event's personal data,
-    encrypted only with the app id), so `callgate erase` can shred it too."""
+    encrypted only with the app id), so `callgate erase` can shred it too. `body_size` is
+    the size as received when `body` is already a capped copy (a rejection archived from
+    the NATS stream)."""
     store = store if store is not None else keystore.for_database(conn)
     received = received_at or utc_now()
-    _, sealed_body = sealing.seal_body(store, body[:cap], received)
-    kept = {}
-    for name, value in headers:
-        lower = name.lower()
-        if lower in ALLOWED_HEADERS:
-            kept[lower] = value[:512]
+    stored = body[:BODY_CAP]
+    _, sealed_body = sealing.seal_body(store, stored, received)
+    size = len(body) if body_size is None else body_size
     cursor = conn.execute(
         "INSERT INTO rejections (received_at, error, detail, http_status, method, path, headers, "
         "body, body_size, body_truncated, remote_addr) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -399,10 +413,10 @@ def record_rejection(
             http_status,
             method,
             path,
-            json.dumps(kept, sort_keys=True),
+            json.dumps(kept_headers(headers), sort_keys=True),
             sealed_body,
-            len(body),
-            int(len(body) > cap),
+            size,
+            int(size > len(stored)),
             remote_addr,
         ),
     )

@@ -108,6 +108,33 @@ def ingest_request(
     return reject(conn, verdict, headers, body, method, path, remote_addr, received_at)
 
 
+def rejection_fields(
+    verdict: Rejected,
+    headers: Headers,
+    body: bytes,
+    method: str,
+    path: str,
+    remote_addr: str | None,
+    received_at: str | None,
+) -> dict[str, Any]:
+    """What a refused request is kept with, in the rejections table or (NATS mode) the stream.
+    A request refused before interpretation (token, method) keeps only a short body: it is
+    never re-processed, so more of it would only be stored attacker input."""
+    kept = body[:UNREAD_BODY_CAP] if verdict.code in REFUSED_UNREAD else body
+    return {
+        "error": verdict.code,
+        "detail": verdict.detail,
+        "http_status": verdict.status,
+        "body": kept,
+        "body_size": len(body),
+        "headers": headers.pairs,
+        "method": method,
+        "path": path,
+        "remote_addr": remote_addr,
+        "received_at": received_at,
+    }
+
+
 def reject(
     conn: sqlite3.Connection,
     verdict: Rejected,
@@ -119,17 +146,7 @@ def reject(
     received_at: str | None = None,
 ) -> Outcome:
     rejection_id = eventlog.record_rejection(
-        conn,
-        cap=UNREAD_BODY_CAP if verdict.code in REFUSED_UNREAD else eventlog.BODY_CAP,
-        error=verdict.code,
-        detail=verdict.detail,
-        http_status=verdict.status,
-        body=body,
-        headers=headers.pairs,
-        method=method,
-        path=path,
-        remote_addr=remote_addr,
-        received_at=received_at,
+        conn, **rejection_fields(verdict, headers, body, method, path, remote_addr, received_at)
     )
     return Outcome(
         verdict.status, verdict.response(), error=verdict.code, rejection_id=rejection_id

@@ -14,7 +14,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from flask import Blueprint, Flask, Response, request
@@ -27,6 +28,9 @@ from gateway.log.intake import Outcome, ingest_request, reject
 from gateway.log.writer import BatchWriter
 from gateway.web import metrics
 from gateway.wire.ingest import Headers, Rejected
+
+if TYPE_CHECKING:
+    from gateway.log.nats_log import NatsRecorder
 
 log = logging.getLogger("callgate.gateway")
 RETRY_AFTER_SECONDS = "5"
@@ -138,7 +142,17 @@ def tokens_match(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
 
 
-def webhook_blueprint(hooks: Webhooks) -> Blueprint:
+class Hooks(Protocol):
+    """What the webhook routes need: `Webhooks` here, `StreamWebhooks` in NATS mode."""
+
+    config: Config
+
+    def handle(self, path: str) -> Response: ...
+    def refuse(self, verdict: Rejected, path: str) -> Response: ...
+    def wrong_token(self, path: str) -> Response: ...
+
+
+def webhook_blueprint(hooks: Hooks) -> Blueprint:
     """`/webhooks/enablex[/<token>]`; any other method on those paths is kept and refused."""
     bp = Blueprint("webhooks", __name__)
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -243,11 +257,13 @@ def open_store(config: Config) -> Store:
 def create_app(config: Config | None = None) -> Flask:
     """Wire the gateway: storage, the group-commit writer, the endpoints, error handlers."""
     config = config or Config.from_env()
-    config.ensure_db_dir()
     app = Flask("callgate")
     app.config["CALLGATE"] = config
     # Bodies are read by us, capped: Werkzeug must not buffer more than the limit.
     app.config["MAX_CONTENT_LENGTH"] = None
+    if config.nats_servers:
+        return _stream_app(app, config)
+    config.ensure_db_dir()
     store = open_store(config)
     writer = (
         BatchWriter(
@@ -265,6 +281,112 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(operations_blueprint(store))
     register_error_handlers(app)
     return app
+
+
+def _stream_app(app: Flask, config: Config) -> Flask:
+    """NATS mode: the same endpoints over a JetStream recorder, no database at all."""
+    recorder = nats_log().NatsRecorder(
+        nats_log().NatsSettings.from_config(config), metrics.observe_publish
+    )
+    app.extensions["callgate_store"] = None
+    app.extensions["callgate_writer"] = None
+    app.extensions["callgate_recorder"] = recorder
+    app.register_blueprint(webhook_blueprint(StreamWebhooks(config, recorder)))
+    app.register_blueprint(stream_operations_blueprint(recorder))
+    register_error_handlers(app)
+    return app
+
+
+def nats_log() -> ModuleType:
+    """gateway.log.nats_log, imported on first use: the SQLite gateway never loads nats-py."""
+    import gateway.log.nats_log as module
+
+    return module
+
+
+# --- NATS mode (`serve --log nats://…`): no local state at all. Same requests, verdicts
+# and answers as above, but each verdict is published to the JetStream stream and
+# answered only after its PubAck. No PubAck in time (no quorum, no server) → 503 +
+# Retry-After, never a 2xx: EnableX redelivers, and the stream's dedup (Nats-Msg-Id =
+# content hash) answers the redelivery of an event that did get stored duplicate: true.
+
+
+class StreamWebhooks:
+    """`Webhooks`' interface (handle, refuse, wrong_token) over a `NatsRecorder`."""
+
+    def __init__(self, config: Config, recorder: NatsRecorder) -> None:
+        self.config = config
+        self.recorder = recorder
+
+    def handle(self, path: str) -> Response:
+        started = time.perf_counter()
+        headers = Headers.of(request.headers.items())
+        body = _read_body(self.config.max_body)
+        try:
+            outcome = nats_log().ingest_to_stream(
+                self.recorder,
+                self.config,
+                headers,
+                body,
+                path=path,
+                remote_addr=request.remote_addr,
+            )
+        except nats_log().NATS_FAILURES as exc:
+            return self.unavailable(exc, started)
+        return _answer(outcome, started)
+
+    def refuse(self, verdict: Rejected, path: str) -> Response:
+        started = time.perf_counter()
+        try:
+            outcome = nats_log().refuse_to_stream(
+                self.recorder,
+                verdict,
+                Headers.of(request.headers.items()),
+                _read_body(self.config.max_body),
+                request.method,
+                path,
+                request.remote_addr,
+            )
+        except nats_log().NATS_FAILURES as exc:
+            return self.unavailable(exc, started)
+        return _answer(outcome, started)
+
+    def wrong_token(self, path: str) -> Response:
+        return self.refuse(Rejected("bad_token", "no webhook endpoint at this path"), path)
+
+    def unavailable(self, exc: Exception, started: float) -> Response:
+        metrics.observe("unavailable", "log", time.perf_counter() - started)
+        if isinstance(exc, nats_log().UnsafeStream):
+            log.error("outcome=unavailable error=unsafe_stream detail=%s", exc)
+        else:
+            log.warning("outcome=unavailable error=log detail=%s", exc)
+        return _json(
+            {
+                "error": "log_unavailable",
+                "detail": "the event stream did not acknowledge the event; retry",
+            },
+            503,
+            Retry_After=RETRY_AFTER_SECONDS,
+        )
+
+
+def stream_operations_blueprint(recorder: NatsRecorder) -> Blueprint:
+    """`/healthz` (a stream round trip) and `/metrics` (counters, publish latency)."""
+    bp = Blueprint("operations", __name__)
+
+    @bp.get("/healthz")
+    def healthz() -> Response:
+        try:
+            return _json(recorder.health(), 200)
+        except nats_log().NATS_FAILURES as exc:
+            detail = "unsafe stream" if isinstance(exc, nats_log().UnsafeStream) else "unreachable"
+            return _json({"status": "unavailable", "log": "nats", "detail": detail}, 503)
+
+    @bp.get("/metrics")
+    def metrics_view() -> Response:
+        return Response(metrics.render(None), mimetype=metrics.CONTENT_TYPE)
+
+    return bp
 
 
 def _read_body(limit: int) -> bytes:

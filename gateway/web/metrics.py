@@ -36,8 +36,26 @@ LATENCY = Histogram(
     "Time from request received to answer, seconds.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+# NATS mode (`serve --log nats://…`): the time from publish to PubAck, and publishes
+# that got none (answered 503).
+PUBLISH_LATENCY = Histogram(
+    "callgate_nats_publish_seconds",
+    "Time from publishing an event or rejection to its JetStream PubAck, seconds.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+PUBLISH_ERRORS = Counter(
+    "callgate_nats_publish_errors_total",
+    "Publishes that got no PubAck in time (no quorum, no server, unsafe stream).",
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def observe_publish(seconds: float, ok: bool) -> None:
+    if ok:
+        PUBLISH_LATENCY.observe(seconds)
+    else:
+        PUBLISH_ERRORS.inc()
 
 
 _CHILDREN: dict[tuple[str, str], Any] = {}
@@ -75,11 +93,12 @@ def _age_registry(conn: sqlite3.Connection) -> CollectorRegistry:
     return registry
 
 
-def render(conn: sqlite3.Connection) -> bytes:
+def render(conn: sqlite3.Connection | None) -> bytes:
+    """Every counter; with the log's connection (SQLite mode) also its head and age."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         text = generate_latest(registry)
     else:
         text = generate_latest(REGISTRY)
-    return text + generate_latest(_age_registry(conn))
+    return text if conn is None else text + generate_latest(_age_registry(conn))

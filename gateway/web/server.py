@@ -175,18 +175,19 @@ class ConfiguredApplication(BaseApplication):  # type: ignore[misc]
 class GatewayServer(ConfiguredApplication):
     """gunicorn master whose workers each build the Flask app after fork."""
 
-    def __init__(self, options: ServeOptions, db_path: str) -> None:
+    def __init__(self, options: ServeOptions, db_path: str, log: str | None = None) -> None:
         self.db_path = db_path
+        self.log = log  # `--log`: sqlite (None: $CALLGATE_LOG) or nats://…
         super().__init__(options)
 
     def load(self) -> Any:
         from gateway.config import Config
         from gateway.web.app import create_app
 
-        return create_app(Config.from_env(db_path=self.db_path))
+        return create_app(Config.from_env(db_path=self.db_path, log=self.log))
 
 
-def serve(options: ServeOptions, db_path: str) -> None:
+def serve(options: ServeOptions, db_path: str, log: str | None = None) -> None:
     """Block serving the gateway; metrics files are cleaned up when gunicorn exits."""
     created = os.environ.get("PROMETHEUS_MULTIPROC_DIR") is None
     metrics_dir = prepare_metrics_dir()
@@ -195,7 +196,7 @@ def serve(options: ServeOptions, db_path: str) -> None:
     # second signal re-entered the half-done import (ImportError in the master).
     import prometheus_client.multiprocess  # noqa: F401
     try:
-        GatewayServer(options, db_path).run()
+        GatewayServer(options, db_path, log).run()
     finally:
         if created:
             shutil.rmtree(metrics_dir, ignore_errors=True)
