@@ -290,7 +290,8 @@ def test_a_bad_key_store_is_a_clear_start_up_error(tmp_path: Path, problem: str)
         expected = "does not open"
     commands = [["project"], ["serve", "--port", "1"]]
     if problem == "missing":  # every command that seals or unseals checks at start-up
-        commands += [["reprocess"], ["forward", "--drain"], ["rebuild"], ["erase", "--call", "x"]]
+        commands += [["reprocess"], ["forward", "--drain"], ["rebuild"], ["erase", "--call", "x"],
+                     ["archive", "--log", "nats://127.0.0.1:1"]]
     for command in commands:
         result = callgate(*command, "--db", db, env=env)
         assert result.returncode == 1, (command, result.stdout, result.stderr)

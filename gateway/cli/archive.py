@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from gateway.cli.options import db_option, log_config, log_option
+from gateway.cli.options import check_keys, db_option, log_config, log_option
 
 
 @click.command("archive")
@@ -46,6 +46,7 @@ def archive(
     if not config.nats_servers:
         click.echo("callgate archive: pass --log nats://host:port[,...] (a stream)", err=True)
         raise SystemExit(1)
+    check_keys(db)  # the archive seals what it appends: never with a missing or foreign store
     options = ArchiveOptions(
         db_path=db,
         follow=follow,
