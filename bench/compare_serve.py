@@ -12,7 +12,8 @@ less with the neighbours than a rate does.
 
 A variant is NAME=PATH[:SERVE ARGS]: the server runs this venv's `callgate` with
 PYTHONPATH=PATH, so PATH's `gateway` package is the one served (its dependencies
-must match this venv's). Figures only, nothing asserted.
+must match this venv's). PATH `minimal` serves bench/minimal_app.py (A of
+bench/ingest.py) instead, for scale. Figures only, nothing asserted.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
             env.update({"ENABLEX_APP_ID": ingest.APP_ID, "CALLGATE_DB": str(db),
                         "PYTHONPATH": str(Path(path).resolve())})
-            cmd = [ingest.callgate_executable(), "serve", "--db", str(db), "--port", str(port),
-                   *extra.split()]
+            if path == "minimal":  # A of bench/ingest.py, for scale
+                cmd = [sys.executable, str(BENCH / "minimal_app.py"), "--port", str(port)]
+            else:
+                cmd = [ingest.callgate_executable(), "serve", "--db", str(db), "--port",
+                       str(port)]
+            cmd += extra.split()
             servers[name] = ingest.start_server(name, cmd, port, workdir, env)
         for server in servers.values():
             server.wait_ready()

@@ -115,6 +115,31 @@ def kind_of(tid: int, pid: int, name: str) -> str:
     return f"other ({name})"
 
 
+def perf_report(data: Path, sort: str) -> list[tuple[float, str]]:
+    """(percent, name) rows of `perf report --sort <sort>`, self time, no call graph."""
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
+         "--sort", sort, "--percent-limit", "1"],
+        capture_output=True, text=True,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(.*\S)", line)
+        if match:
+            rows.append((float(match.group(1)), re.sub(r"\s+", " ", match.group(2))))
+    return rows
+
+
+def print_perf(data: Path, cpu_us: float) -> None:
+    """The workers' CPU by shared object, then the hottest symbols (perf, cpu-clock)."""
+    print(f"perf (cpu-clock, all worker threads; µs of the {cpu_us:.0f} per request):")
+    for percent, name in perf_report(data, "dso"):
+        print(f"  {name:38s} {percent:5.1f}%  ~{percent / 100 * cpu_us:5.0f} µs")
+    print("  hottest symbols:")
+    for percent, name in perf_report(data, "dso,sym")[:15]:
+        print(f"    {percent:5.1f}%  {name[:90]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=("a", "b"), default="b", help="b: callgate serve (default)")
@@ -122,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--serve-args", default="", help="extra arguments for the server")
     p.add_argument("--tmp-dir", default=None, help="where the database goes (a real disk)")
+    p.add_argument("--perf", action="store_true",
+                   help="also sample the workers with Debian's perf: CPU by library, and the "
+                        "hottest kernel and C symbols")
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or (
         str(Path(sys.executable).with_name("py-spy"))
@@ -170,7 +198,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             for w in workers
         ] if pyspy else []
+        perf = (
+            subprocess.Popen(
+                ["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g",
+                 "-p", ",".join(str(w) for w in workers), "-o", str(workdir / "perf.data"),
+                 "--", "sleep", str(max(1, int(args.duration - 2)))],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            if args.perf and shutil.which("perf") else None
+        )
         loader.join()
+        if perf is not None:
+            perf.wait()
         after = {w: threads_of(w) for w in workers}
         for spy in spies:
             spy.wait()
@@ -215,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"~{max(0.0, total / requests * 1e6 - gil_us):.0f} µs")
             for kind, n in samples.most_common():
                 print(f"  {kind:38s} {n / held:6.1%}  ~{n / held * gil_us:5.0f} µs")
+        if (workdir / "perf.data").exists():
+            print_perf(workdir / "perf.data", total / requests * 1e6)
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

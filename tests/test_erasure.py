@@ -366,3 +366,27 @@ def test_sealing_survives_the_http_gateway(tmp_path: Path, server) -> None:  # n
     payload, raw = conn.execute("SELECT payload, raw FROM events").fetchone()
     conn.close()
     assert NUMBER not in payload + raw and raw.startswith(sealing.RAW_PREFIX)
+
+
+def test_a_key_minted_by_another_process_is_the_one_used(tmp_path: Path) -> None:
+    """Two processes' stores on one key file: whoever mints a unit's key first, both
+    seal and open with that one key (the second reads it back instead of its own)."""
+    path = str(tmp_path / "callgate-keys.db")
+    first, second, third = (keystore.KeyStore(path) for _ in range(3))
+    try:
+        mine = first.ensure({"voice-1": {"919800000001"}}, "2024-06-01T00:00:00.000Z")["voice-1"]
+        theirs = second.ensure({"voice-1": set()}, "2024-06-01T00:00:01.000Z")["voice-1"]
+        assert mine is not None and theirs is not None
+        event = {"voice_id": "voice-1", "class": "call", "from": "919800000001"}
+        sealed = sealing.seal_event(event, '{"from":"919800000001"}', "voice-1", theirs)
+        payload = eventlog.canonical_json(sealed.payload)
+        assert "919800000001" not in payload
+        # A third store, nothing cached: what the file holds opens both processes' seals.
+        reader = sealing.Opener(third)
+        assert reader.event(payload)["from"] == "919800000001"
+        token = sealing.seal_event(event, "raw", "voice-1", mine).raw
+        assert reader.raw(token) == "raw"
+        assert first.units_of_number("919800000001") == ["voice-1"]
+    finally:
+        for store in (first, second, third):
+            store.close()

@@ -210,11 +210,10 @@ class AppendResult:
     duplicate: bool
 
 
+_ROW_COLUMNS = (*HASHED_COLUMNS, "prev_hash", "hash")
 _INSERT_SQL = (
-    "INSERT INTO events (seq, event_id, app_id, voice_id, broadcast_id, class, state, "
-    "occurred_at, received_at, payload, raw, content_hash, prev_hash, hash) "
-    "VALUES (:seq, :event_id, :app_id, :voice_id, :broadcast_id, :class, :state, "
-    ":occurred_at, :received_at, :payload, :raw, :content_hash, :prev_hash, :hash)"
+    f"INSERT INTO events ({', '.join(_ROW_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + column for column in _ROW_COLUMNS)})"
 )
 
 
@@ -243,9 +242,10 @@ def _prepare(items: Sequence[NewEvent], store: KeyStore) -> list[_Prepared]:
         unit_of.append(unit)
         units.setdefault(unit, set()).update(sealing.numbers_in(item.event))
     ciphers = store.ensure(units, utc_now())
+    nonce_source = sealing.nonces(2 * len(items))
     prepared = []
     for item, digest, unit in zip(items, digests, unit_of, strict=True):
-        sealed = sealing.seal_event(item.event, item.raw_text, unit, ciphers[unit])
+        sealed = sealing.seal_event(item.event, item.raw_text, unit, ciphers[unit], nonce_source)
         prepared.append(_Prepared(item, digest, canonical_json(sealed.payload), sealed.raw))
     return prepared
 
@@ -301,6 +301,8 @@ def _insert_prepared(conn: sqlite3.Connection, prepared: Sequence[_Prepared]) ->
             seen[p.digest] = result
             results.append(result)
         if rows:
+            # One statement per row, deliberately: a multi-row INSERT … SELECT needs a
+            # statement journal, which SQLite spills to a temporary file at this size.
             conn.executemany(_INSERT_SQL, rows)
     return results
 

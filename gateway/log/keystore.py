@@ -275,14 +275,17 @@ class KeyStore:
                     else set()
                 )
                 fresh = [u for u in missing if u not in shredded]
+                # One read of the OS generator for all new keys (each read releases the GIL).
+                material = os.urandom(KEY_BYTES * len(fresh))
+                minted = {
+                    u: material[i * KEY_BYTES : (i + 1) * KEY_BYTES] for i, u in enumerate(fresh)
+                }
+                inserted = 0
                 if fresh:
-                    self.conn.executemany(
+                    inserted = self.conn.executemany(
                         "INSERT OR IGNORE INTO data_keys (unit, key, created_at) VALUES (?, ?, ?)",
-                        [
-                            (u, self._wrap_key(AESGCM.generate_key(256), u), created_at)
-                            for u in fresh
-                        ],
-                    )
+                        [(u, self._wrap_key(key, u), created_at) for u, key in minted.items()],
+                    ).rowcount
                 live_tags = [t for t in new_tags if t[1] not in shredded]
                 if live_tags:
                     self.conn.executemany(
@@ -295,8 +298,16 @@ class KeyStore:
                     self.conn.execute("ROLLBACK")
                 raise
             self._tags.update(live_tags)
+            # Every key ours (the usual case): no need to read back what another process
+            # may have minted first for the same unit.
+            ours = inserted == len(fresh)
             for unit in missing:
-                result[unit] = None if unit in shredded else self.cipher(unit)
+                if unit in shredded:
+                    result[unit] = None
+                elif ours:
+                    result[unit] = self._cache[unit] = AESGCM(minted[unit])
+                else:
+                    result[unit] = self.cipher(unit)
         return result
 
     # -- erasure ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from gateway.db import connect
 from gateway.log import eventlog, keystore
@@ -268,23 +268,14 @@ class BatchWriter:
         self._gathering: threading.Lock | None = None  # a leader sleeps on it
         self._pid: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self._store: keystore.KeyStore | None = None
         self._lock: WriterLock | None = None
         self._checkpointer: Checkpointer | None = None
 
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Mark a request that may submit an event: a gathering leader waits for it."""
-        marker = _Admission(self)
-        with self._mutex:
-            self._waiting += 1
-        try:
-            with _admission.bind(marker):
-                yield
-        finally:
-            with self._mutex:
-                if not marker.queued:
-                    self._waiting -= 1
-                    self._wake_gatherer()
+    def admitted(self) -> _Admission:
+        """Mark a request that may submit an event (`with writer.admitted():`): a gathering
+        leader waits for it."""
+        return _Admission(self)
 
     def submit(
         self, make: Callable[[sqlite3.Connection], eventlog.NewEvent], timeout: float = 30.0
@@ -321,6 +312,7 @@ class BatchWriter:
         self._waiting = 0
         self._gathering = None
         self._conn = None
+        self._store = None
         self._lock = WriterLock(self.db_path, self.busy_timeout)
         if self.db_path != ":memory:" and self.checkpoint != "off":
             self._checkpointer = Checkpointer(
@@ -361,7 +353,9 @@ class BatchWriter:
             if self._conn is None:
                 self._conn = connect(self.db_path, self.synchronous, self.busy_timeout)
                 self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-                keystore.for_database(self._conn)  # opened (and checked) outside the lock
+                # Opened (and checked) outside the lock, once: looking it up per batch
+                # would cost a query, and every query releases the GIL.
+                self._store = keystore.for_database(self._conn)
             with self._lock:
                 # Whatever queued while another process held the lock rides along.
                 batch = self._take()
@@ -412,7 +406,7 @@ class BatchWriter:
                 job.settle(None, exc)
         if not items:
             return
-        results = eventlog.append_batch(conn, items)
+        results = eventlog.append_batch(conn, items, self._store)
         self.batches += 1
         self.events += len(items)
         for job, result in zip(live, results, strict=True):
@@ -420,13 +414,30 @@ class BatchWriter:
 
 
 class _Admission:
-    """One admitted request: whose writer admitted it, and whether it has queued yet."""
+    """One admitted request: whose writer admitted it, and whether it has queued yet.
 
-    __slots__ = ("writer", "queued")
+    A class with __enter__/__exit__ rather than a generator context manager: it wraps
+    every webhook, and a generator costs several times as much to enter and leave."""
+
+    __slots__ = ("writer", "queued", "_outer")
 
     def __init__(self, writer: BatchWriter) -> None:
         self.writer = writer
         self.queued = False
+        self._outer: _Admission | None = None
+
+    def __enter__(self) -> _Admission:
+        with self.writer._mutex:
+            self.writer._waiting += 1
+        self._outer, _admission.marker = _admission.marker, self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _admission.marker = self._outer
+        if not self.queued:
+            with self.writer._mutex:
+                self.writer._waiting -= 1
+                self.writer._wake_gatherer()
 
 
 class _ThreadAdmission(threading.local):
@@ -436,14 +447,6 @@ class _ThreadAdmission(threading.local):
 
     def current(self) -> _Admission | None:
         return self.marker
-
-    @contextlib.contextmanager
-    def bind(self, marker: _Admission) -> Iterator[None]:
-        outer, self.marker = self.marker, marker
-        try:
-            yield
-        finally:
-            self.marker = outer
 
 
 _admission = _ThreadAdmission()

@@ -84,9 +84,15 @@ class EventError(Exception):
 
 
 def format_utc(moment: datetime) -> str:
-    """Fixed-width UTC ISO 8601 with milliseconds, so text order is time order."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """Fixed-width UTC ISO 8601 with milliseconds, so text order is time order.
+
+    Formatted by hand rather than with strftime: it runs several times per webhook."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_timestamp(value: Any) -> str | None:
