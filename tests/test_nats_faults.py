@@ -67,10 +67,19 @@ class Driver:
         self.phase = "start"  # what the chaos thread did last
         self.unavailable_by_phase: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._gate = threading.Condition(self._lock)
+        self.allowed = 1.0  # senders take no new flow past this progress (see hold_at)
         self._next = 0
 
     def progress(self) -> float:
         return self.posted / self.total
+
+    def hold_at(self, fraction: float) -> None:
+        """Start no new flow once `fraction` of the posts are answered, until raised: the
+        chaos thread's next fault then lands mid-drive however long the last one took."""
+        with self._gate:
+            self.allowed = fraction
+            self._gate.notify_all()
 
     def run(self, senders: int) -> None:
         threads = [threading.Thread(target=self._sender, args=(n,)) for n in range(senders)]
@@ -80,7 +89,9 @@ class Driver:
             thread.join()
 
     def _take(self) -> int | None:
-        with self._lock:
+        with self._gate:
+            while self._next < len(self.flows) and self.posted / self.total >= self.allowed:
+                self._gate.wait(0.05)
             if self._next >= len(self.flows):
                 return None
             self._next += 1
@@ -171,6 +182,7 @@ class Archivers:
 
 
 def _wait_until(fraction: float, driver: Driver, done: threading.Event) -> bool:
+    driver.hold_at(fraction)
     while driver.progress() < fraction and not done.is_set():
         time.sleep(0.02)
     return not done.is_set()
@@ -211,7 +223,7 @@ def run_fault_test(tmp_path: Path, copies: int) -> None:
         driver = Driver([g.url for g in gateways], flows, dedup_key)
         done = threading.Event()
 
-        def chaos() -> None:
+        def faults() -> None:
             if _wait_until(0.10, driver, done):
                 cluster.kill_node(0)
                 driver.phase = "nats n1 killed"
@@ -237,6 +249,12 @@ def run_fault_test(tmp_path: Path, copies: int) -> None:
             if _wait_until(0.80, driver, done):
                 cluster.start_node(1)
                 driver.phase = "nats n2 back"
+
+        def chaos() -> None:
+            try:
+                faults()
+            finally:
+                driver.hold_at(1.0)  # the rest of the drive runs free
 
         chaos_thread = threading.Thread(target=chaos)
         chaos_thread.start()
