@@ -14,7 +14,13 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from gateway.simulate.sender import DEMO_APP_ID, DEMO_MARGIN, WireOptions, render_request
+from gateway.simulate.sender import (
+    DEMO_APP_ID,
+    DEMO_DAYS,
+    DEMO_MARGIN,
+    WireOptions,
+    render_request,
+)
 from tests.conftest import CALLGATE, free_port, server_env, wait_http
 from tests.helpers_browser import axis_labels, chromium, legend_labels, screenshot, watch_errors
 
@@ -23,17 +29,24 @@ PER_DAY_CHARTS = ("calls-per-day", "asr-ner", "acd", "time-to-answer")
 
 
 def _demo_projected(db: str) -> bool:
-    """All demo calls are in `calls` and the projector has caught up with the log."""
+    """All demo calls are in `calls`, the 13 whole days before today have their starts,
+    and the projector has caught up with the log.
+
+    The day count matters: a call's row exists from its first event, and with reordered
+    deliveries that is not always the one that starts it."""
     try:
         with sqlite3.connect(db) as conn:
             calls = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+            days = conn.execute(
+                "SELECT count(DISTINCT substr(started_at, 1, 10)) FROM calls"
+            ).fetchone()[0]
             head = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
             done = conn.execute(
                 "SELECT coalesce(max(seq), 0) FROM checkpoints WHERE name = 'projector'"
             ).fetchone()[0]
     except sqlite3.OperationalError:
         return False
-    return calls >= DEMO_CALLS and done == head
+    return calls >= DEMO_CALLS and days >= DEMO_DAYS - 1 and done == head
 
 
 def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
@@ -73,7 +86,10 @@ def test_up_runs_everything_and_one_signal_stops_it(tmp_path) -> None:
                 timeout=30_000,
             )
             for slug in PER_DAY_CHARTS:  # 14 days of history on every per-day chart
-                assert axis_labels(page, slug) == days, slug
+                labels = axis_labels(page, slug)
+                # Today is only DEMO_MARGIN short of now: early in a UTC day it holds a
+                # call or two, and a chart of answered calls may have nothing to show yet.
+                assert labels in (days, days[:-1]), (slug, labels)
             # Normalised reasons: NO_ANSWER, No Answer and no_answer make one slice.
             reasons = legend_labels(page, "disconnect-mix")
             assert "no_answer" in reasons and "busy" in reasons
