@@ -388,11 +388,14 @@ def test_up_replicate_runs_litestream_and_stops_it(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not list((replica / "log").rglob("*.ltx")):
             time.sleep(0.2)
-        assert list((replica / "log").rglob("*.ltx")), "no replica written"
-        assert _litestream_pids(config), "litestream not running under up"
+        replicated = bool(list((replica / "log").rglob("*.ltx")))
+        running = bool(_litestream_pids(config))
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
+    # Judged after the stop, so that a failure shows what `up` and Litestream printed.
+    assert replicated, f"no replica written; callgate up said:\n{output[-3000:]}"
+    assert running, f"litestream not running under up; callgate up said:\n{output[-3000:]}"
     assert proc.returncode == 0, output[-2000:]
     assert not _litestream_pids(config), "litestream outlived callgate up"
     restored = str(tmp_path / "restored" / "up.db")
