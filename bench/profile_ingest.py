@@ -17,6 +17,10 @@ the two is reported as "outside the GIL". Figures only, nothing asserted.
 
     pip install py-spy            # optional: without it only the /proc figures print
     .venv/bin/python bench/profile_ingest.py [--side a|b] [--duration 12] [--rate 200]
+                                             [--perf] [--functions 40] [--keep]
+
+`--functions N` lists the N functions that held the GIL longest, callees included (a
+flat view of the same samples); `--keep` keeps the raw py-spy stacks and perf.data.
 """
 
 from __future__ import annotations
@@ -115,6 +119,15 @@ def kind_of(tid: int, pid: int, name: str) -> str:
     return f"other ({name})"
 
 
+def inclusive_shares(stacks: list[tuple[list[str], int]]) -> collections.Counter[str]:
+    """Samples per function, counted once per stack it is on (its own time and its callees')."""
+    shares: collections.Counter[str] = collections.Counter()
+    for frames, count in stacks:
+        for name in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
+            shares[name] += count
+    return shares
+
+
 def perf_report(data: Path, sort: str) -> list[tuple[float, str]]:
     """(percent, name) rows of `perf report --sort <sort>`, self time, no call graph."""
     out = subprocess.run(
@@ -150,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf", action="store_true",
                    help="also sample the workers with Debian's perf: CPU by library, and the "
                         "hottest kernel and C symbols")
+    p.add_argument("--functions", type=int, default=0, metavar="N",
+                   help="also list the N functions with the most GIL time, callees included")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (py-spy's raw stacks, perf.data, server log)")
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or (
         str(Path(sys.executable).with_name("py-spy"))
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {kind:38s} {seconds / requests * 1e6:6.0f} µs  "
                   f"switches {vol[kind] / requests:5.2f} + {invol[kind] / requests:5.2f}")
         samples: collections.Counter[str] = collections.Counter()
+        stacks: list[tuple[list[str], int]] = []
         for w in workers:
             path = workdir / f"pyspy-{w}.txt"
             if not path.exists():
@@ -242,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             for line in path.read_text(errors="replace").splitlines():
                 stack, _, n = line.rpartition(" ")
                 if n.isdigit():
-                    samples[classify(stack.split(";")[1:])] += int(n)
+                    frames = stack.split(";")[1:]
+                    samples[classify(frames)] += int(n)
+                    stacks.append((frames, int(n)))
         if samples:
             held = sum(samples.values())
             sampled_s = max(1, int(args.duration - 2))
@@ -254,11 +274,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"~{max(0.0, total / requests * 1e6 - gil_us):.0f} µs")
             for kind, n in samples.most_common():
                 print(f"  {kind:38s} {n / held:6.1%}  ~{n / held * gil_us:5.0f} µs")
+            if args.functions:
+                print(f"  the {args.functions} functions with the most GIL time, callees "
+                      f"included (µs per request):")
+                for name, n in inclusive_shares(stacks).most_common(args.functions):
+                    print(f"    {n / held * gil_us:6.0f}  {name[:100]}")
         if (workdir / "perf.data").exists():
             print_perf(workdir / "perf.data", total / requests * 1e6)
     finally:
         server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
