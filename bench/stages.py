@@ -44,15 +44,17 @@ import ingest  # noqa: E402
 
 from gateway.config import Config  # noqa: E402
 from gateway.db import connect, utc_now  # noqa: E402
-from gateway.log import eventlog, intake, keystore, sealing  # noqa: E402
+from gateway.log import eventlog, intake, keystore  # noqa: E402
 from gateway.wire import crypto, schemas  # noqa: E402
 from gateway.wire.ingest import Accepted, Headers, interpret  # noqa: E402
 
+# What bench/ingest.py's traffic is sent with (bench/wrk_post.lua).
+ALGORITHM, FORMAT, ENCODING = "aes-256-cbc", "hex", "utf8"
 HEADERS = Headers.of([
     ("content-type", "application/json"),
-    ("x-algoritm", "aes-256-cbc"),
-    ("x-format", "hex"),
-    ("x-encoding", "utf8"),
+    ("x-algoritm", ALGORITHM),
+    ("x-format", FORMAT),
+    ("x-encoding", ENCODING),
 ])
 
 Clock = collections.Counter[str]
@@ -79,7 +81,7 @@ def request_stages(bodies: list[bytes], config: Config) -> tuple[Clock, Clock, l
     with clocked(cpu, wall, "decrypt"):
         values = [
             crypto.decrypt_event(
-                outer["encrypted_data"], "aes-256-cbc", "hex", "utf8", config.app_ids  # type: ignore[index]
+                outer["encrypted_data"], ALGORITHM, FORMAT, ENCODING, config.app_ids  # type: ignore[index]
             ).value
             for outer in outers
         ]
@@ -107,10 +109,8 @@ def commit_stages(accepted: list[Accepted], batch: int, directory: Path) -> tupl
             received = utc_now()
             chunk = accepted[start : start + batch]
             items = [intake.to_new_event(conn, a, received) for a in chunk]
-            units: dict[str, set[str]] = {}
-            for item in items:
-                unit = sealing.unit_of(item.event) or ""
-                units.setdefault(unit, set()).update(sealing.numbers_in(item.event))
+            digests = [eventlog.content_hash(i.raw_obj, store.dedup_key) for i in items]
+            _, units = eventlog.sealing_units(items, digests)
             with clocked(cpu, wall, "key store (new calls' keys + tags, fsync)"):
                 store.ensure(units, received)
             with clocked(cpu, wall, "seal + hashes"):

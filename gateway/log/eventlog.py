@@ -235,12 +235,7 @@ def _prepare(items: Sequence[NewEvent], store: KeyStore) -> list[_Prepared]:
     known calls touches the key store not at all (cached keys)."""
     store.refresh()
     digests = [content_hash(item.raw_obj, store.dedup_key) for item in items]
-    units: dict[str, set[str]] = {}
-    unit_of: list[str] = []
-    for item, digest in zip(items, digests, strict=True):
-        unit = sealing.unit_of(item.event) or "event:" + digest[:24]
-        unit_of.append(unit)
-        units.setdefault(unit, set()).update(sealing.numbers_in(item.event))
+    unit_of, units = sealing_units(items, digests)
     ciphers = store.ensure(units, utc_now())
     nonce_source = sealing.nonces(2 * len(items))
     prepared = []
@@ -248,6 +243,20 @@ def _prepare(items: Sequence[NewEvent], store: KeyStore) -> list[_Prepared]:
         sealed = sealing.seal_event(item.event, item.raw_text, unit, ciphers[unit], nonce_source)
         prepared.append(_Prepared(item, digest, canonical_json(sealed.payload), sealed.raw))
     return prepared
+
+
+def sealing_units(
+    items: Sequence[NewEvent], digests: Sequence[str]
+) -> tuple[list[str], dict[str, set[str]]]:
+    """Each item's key unit (its call, its broadcast, else the event itself), and every
+    unit's phone numbers: what the key store must hold before the batch is sealed."""
+    units: dict[str, set[str]] = {}
+    unit_of: list[str] = []
+    for item, digest in zip(items, digests, strict=True):
+        unit = sealing.unit_of(item.event) or "event:" + digest[:24]
+        unit_of.append(unit)
+        units.setdefault(unit, set()).update(sealing.numbers_in(item.event))
+    return unit_of, units
 
 
 def _logged(conn: sqlite3.Connection, digests: list[str]) -> dict[str, AppendResult]:
