@@ -154,10 +154,13 @@ def test_up_nats_runs_a_cluster_two_gateways_and_archivers(tmp_path) -> None:
                         "SELECT count(*) FROM calls WHERE voice_id = 'up-nats-1'").fetchone()[0]
             except sqlite3.OperationalError:
                 calls = 0
-        assert calls == 1, "the event did not reach the archive and the calls projection"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=60)[0].decode(errors="replace")
+    # Judged after stopping up, so a failure shows what up, the archivers and NATS printed.
+    assert calls == 1, "the event did not reach the archive and the calls projection\n" + (
+        output[-4000:]
+    )
     assert proc.returncode == 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]
     for check_port in (port, port + 1, ds_port):
