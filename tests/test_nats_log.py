@@ -361,3 +361,26 @@ def test_a_server_without_jetstream_means_503_log_unavailable(
         assert answer.get_json()["error"] == "log_unavailable"
     finally:
         plain.stop()
+
+
+def test_an_archiver_whose_stream_never_answers_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """A server without JetStream (or a cluster without a quorum) answers no stream
+    request: `callgate archive` retries for --wait seconds, then exits 1 with a sentence,
+    not a traceback (it used to end in nats.errors.TimeoutError's)."""
+    port = free_port()
+    plain = Subprocess(tmp_path / "plain-nats.log")
+    plain.launch([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+                 lambda: _wait_listening(port))
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            [CALLGATE, "archive", "--log", f"nats://127.0.0.1:{port}",
+             "--db", str(tmp_path / "archive.db"), "--wait", "1"],
+            env=server_env(), capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        plain.stop()
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "callgate archive: the stream did not answer" in done.stderr
+    assert time.monotonic() - started < 60  # --wait bounds it

@@ -31,8 +31,22 @@ from gateway.cli.options import check_keys, db_option, log_config, log_option
     "(personal data leaves NATS; the stream's max_age bounds the rest).",
 )
 @click.option("--no-purge", is_flag=True, help="Never purge; rely on the stream's max_age.")
+@click.option(
+    "--wait",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait at start for the stream and the lock bucket to answer (a cluster "
+    "that has just started elects its leaders first) before exiting with an error.",
+)
 def archive(
-    log: str, db: str, follow: bool, lock_ttl: float, purge_after: float, no_purge: bool
+    log: str,
+    db: str,
+    follow: bool,
+    lock_ttl: float,
+    purge_after: float,
+    no_purge: bool,
+    wait: float,
 ) -> None:
     """Append the stream, in order, to the SQLite log; ack each message after its commit.
 
@@ -40,7 +54,7 @@ def archive(
     with --follow a second one stands by and takes over when the first dies.
     """
     from gateway.log.archiver import ArchiveError, ArchiveOptions, Archiver
-    from gateway.log.nats_log import NatsSettings, Unavailable, UnsafeStream
+    from gateway.log.nats_log import ERRORS, NatsSettings, Unavailable, UnsafeStream
 
     config = log_config(db, log)
     if not config.nats_servers:
@@ -52,6 +66,7 @@ def archive(
         follow=follow,
         lock_ttl=lock_ttl,
         purge_after=None if no_purge else purge_after,
+        wait=wait,
     )
 
     async def run() -> None:
@@ -70,6 +85,14 @@ def archive(
         asyncio.run(run())
     except (ArchiveError, UnsafeStream, Unavailable) as exc:
         click.echo(f"callgate archive: {exc}", err=True)
+        raise SystemExit(1) from None
+    except ERRORS as exc:
+        # The type only: a NATS error's text may carry a server URL with credentials.
+        click.echo(
+            f"callgate archive: the stream did not answer ({type(exc).__name__}); is every "
+            "server up, with JetStream, and does the cluster have a quorum?",
+            err=True,
+        )
         raise SystemExit(1) from None
 
 

@@ -232,6 +232,9 @@ class ArchiveOptions:
     # (None: never; the stream's max_age still bounds them).
     purge_after: float | None = 600.0
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    # How long to wait at start for the stream and the lock bucket to answer (a fresh or
+    # busy cluster is still electing leaders) before giving up with an error.
+    wait: float = 30.0
 
 
 class Archiver:
@@ -259,8 +262,8 @@ class Archiver:
         nc = await nats_log.connect(self.settings, "callgate-archiver")
         try:
             js = nc.jetstream(timeout=5)
-            await nats_log.ensure_stream_retrying(js, self.settings, 30)
-            kv = await self._lock_bucket(js)
+            await nats_log.ensure_stream_retrying(js, self.settings, self.options.wait)
+            kv = await nats_log.retrying(lambda: self._lock_bucket(js), self.options.wait)
             while not self.stop.is_set():
                 if not await self._acquire(kv):
                     break

@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -203,18 +203,25 @@ async def _until_led(js: Any, stream: str, info: Any, seconds: float = 10.0) -> 
     return info
 
 
-async def ensure_stream_retrying(js: Any, settings: NatsSettings, seconds: float) -> Any:
-    """`ensure_stream` while a fresh cluster elects its leaders (a few seconds)."""
+async def retrying(attempt: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """`attempt()` until it succeeds or `seconds` have passed: a fresh (or busy) cluster
+    answers JetStream requests with errors or time-outs while it elects its leaders.
+    An unsafe stream is a verdict, never retried."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            return await ensure_stream(js, settings)
+            return await attempt()
         except UnsafeStream:
             raise
         except ERRORS:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
+
+
+async def ensure_stream_retrying(js: Any, settings: NatsSettings, seconds: float) -> Any:
+    """`ensure_stream` while a fresh cluster elects its leaders (a few seconds)."""
+    return await retrying(lambda: ensure_stream(js, settings), seconds)
 
 
 def event_message(root: str, accepted: Accepted, received_at: str) -> tuple[str, bytes, str]:
