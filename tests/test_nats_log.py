@@ -366,7 +366,7 @@ def test_a_server_without_jetstream_means_503_log_unavailable(
 def test_an_archiver_whose_stream_never_answers_stops_with_a_clear_error(tmp_path: Path) -> None:
     """A server without JetStream (or a cluster without a quorum) answers no stream
     request: `callgate archive` retries for --wait seconds, then exits 1 with a sentence,
-    not a traceback (it used to end in nats.errors.TimeoutError's)."""
+    not a traceback (it used to end in ServiceUnavailableError's, or TimeoutError's)."""
     port = free_port()
     plain = Subprocess(tmp_path / "plain-nats.log")
     plain.launch([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
