@@ -17,10 +17,12 @@ the two is reported as "outside the GIL". Figures only, nothing asserted.
 
     pip install py-spy            # optional: without it only the /proc figures print
     .venv/bin/python bench/profile_ingest.py [--side a|b] [--duration 12] [--rate 200]
-                                             [--perf] [--functions 40] [--keep]
+                                             [--perf] [--functions 40] [--syscalls] [--keep]
 
 `--functions N` lists the N functions that held the GIL longest, callees included (a
-flat view of the same samples); `--keep` keeps the raw py-spy stacks and perf.data.
+flat view of the same samples); `--syscalls` counts the workers' system calls by name and
+their context switches per request with perf stat, instead of the py-spy samples; `--keep`
+keeps the raw py-spy stacks and perf.data.
 """
 
 from __future__ import annotations
@@ -153,6 +155,33 @@ def print_perf(data: Path, cpu_us: float) -> None:
         print(f"    {percent:5.1f}%  {name[:90]}")
 
 
+# The system calls a group commit is made of, counted per request with `--syscalls`.
+SYSCALLS = ("futex", "pwrite64", "pread64", "fdatasync", "fcntl", "flock", "clock_nanosleep",
+            "recvfrom", "sendto", "epoll_wait", "getpid", "getrandom")
+
+
+def start_syscall_count(workers: list[int], seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """`perf stat` of the workers' context switches and system calls by name (tracepoints:
+    needs root or a low perf_event_paranoid)."""
+    events = ["context-switches", *(f"syscalls:sys_enter_{name}" for name in SYSCALLS)]
+    return subprocess.Popen(
+        ["perf", "stat", "-x", ",", "-o", str(out), "-e", ",".join(events),
+         "-p", ",".join(str(w) for w in workers), "--", "sleep", str(seconds)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def print_syscalls(out: Path, requests_in_window: float) -> None:
+    print("system calls and switches of the workers, per request (perf stat):")
+    for line in out.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].strip().isdigit():
+            name = fields[2].removeprefix("syscalls:sys_enter_")
+            print(f"  {name:38s} {int(fields[0]) / requests_in_window:6.2f}")
+        elif len(fields) > 2 and "not supported" in fields[0]:
+            print(f"  {fields[2]:38s} not available here")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=("a", "b"), default="b", help="b: callgate serve (default)")
@@ -165,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                         "hottest kernel and C symbols")
     p.add_argument("--functions", type=int, default=0, metavar="N",
                    help="also list the N functions with the most GIL time, callees included")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count the workers' system calls by name and context switches with "
+                        "perf stat instead of sampling with py-spy (needs root for the syscall "
+                        "tracepoints)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (py-spy's raw stacks, perf.data, server log)")
     args = p.parse_args(argv)
@@ -172,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         str(Path(sys.executable).with_name("py-spy"))
         if Path(sys.executable).with_name("py-spy").exists() else None
     )
+    if args.syscalls:
+        pyspy = None  # its sampling would add switches and system calls of its own
     workdir = Path(tempfile.mkdtemp(prefix="callgate-profile-", dir=args.tmp_dir))
     db = workdir / "callgate.db"
     port = ingest.free_port()
@@ -192,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {ingest.machine()}")
     print(f"side {args.side.upper()}: {' '.join(cmd[1:2] if args.side == 'a' else cmd[:2])} "
           f"{args.serve_args}; load: {'wrk' if wrk_path() else 'python'}, {CONNECTIONS} "
-          f"keep-alive connections; py-spy: {pyspy or 'not installed'}")
+          f"keep-alive connections; py-spy: "
+          f"{'off (--syscalls)' if args.syscalls else pyspy or 'not installed'}")
     try:
         server.wait_ready()
         workers = workers_of(server.proc.pid)
@@ -224,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.perf and shutil.which("perf") else None
         )
+        counted_s = max(1, int(args.duration - 2))
+        counter = (
+            start_syscall_count(workers, counted_s, workdir / "syscalls.txt")
+            if args.syscalls and shutil.which("perf") else None
+        )
         loader.join()
         if perf is not None:
             perf.wait()
+        if counter is not None:
+            counter.wait()
         after = {w: threads_of(w) for w in workers}
         for spy in spies:
             spy.wait()
@@ -279,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"included (µs per request):")
                 for name, n in inclusive_shares(stacks).most_common(args.functions):
                     print(f"    {n / held * gil_us:6.0f}  {name[:100]}")
+        if (workdir / "syscalls.txt").exists():
+            print_syscalls(workdir / "syscalls.txt", result.rps * counted_s)
         if (workdir / "perf.data").exists():
             print_perf(workdir / "perf.data", total / requests * 1e6)
     finally:

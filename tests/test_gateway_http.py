@@ -116,6 +116,21 @@ def test_each_error_code(client, db_path, headers, body, code, status) -> None:
                          "x-request-id"}
 
 
+def test_header_names_match_in_any_case_and_a_refusal_keeps_them(client, db_path) -> None:
+    # Headers are looked up in the request as needed and only listed for a refusal.
+    shouted = {"CONTENT-TYPE": "application/json", "X-Algoritm": "aes-256-cbc",
+               "X-FORMAT": "hex", "x-Encoding": "utf8", "X-Request-Id": "r-1", "User-Agent": "t"}
+    assert client.post(URL, data=encrypted(EVENT), headers=shouted).status_code == 200
+    body = encrypted({"state": "connected"})
+    assert client.post(URL, data=body, headers=shouted).status_code == 422
+    [(kept,)] = rows(db_path, "SELECT headers FROM rejections")
+    assert json.loads(kept) == {
+        "content-type": "application/json", "content-length": str(len(body)),
+        "x-algoritm": "aes-256-cbc", "x-format": "hex", "x-encoding": "utf8",
+        "x-request-id": "r-1", "user-agent": "t",
+    }
+
+
 def test_redelivery_is_answered_with_the_original_seq(client, db_path) -> None:
     first = client.post(URL, data=encrypted(EVENT), headers=HEADERS).get_json()
     again = client.post(URL, data=encrypted(EVENT), headers=HEADERS).get_json()

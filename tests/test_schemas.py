@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from marshmallow import ValidationError
 
-from gateway.wire.schemas import EventError, classify, normalise, parse_timestamp
+from gateway.wire.schemas import EventError, EventSchema, classify, normalise, parse_timestamp
 
 NOW = "2030-01-01T00:00:00.000Z"
 
@@ -132,3 +133,12 @@ def test_any_object_normalises_or_is_refused_with_a_code(raw) -> None:
     assert event["class"] in {"call", "play", "speech", "recording", "dtmf", "bridge",
                               "broadcast", "unknown"}
     assert len(event["occurred_at"]) == len(NOW)
+
+
+def test_extra_text_must_be_text_to_validate() -> None:
+    # fold_aliases only ever puts text there; the schema still refuses anything else.
+    field = EventSchema().fields["extra_text"]
+    assert field.deserialize({"from": "919876543210"}) == {"from": "919876543210"}
+    with pytest.raises(ValidationError):
+        field.deserialize({"from": 919876543210})
+    assert normalise({"voice_id": "v", "from": 919876543210}, NOW)["from"] == "919876543210"

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Request, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.config import Config
@@ -27,7 +27,7 @@ from gateway.log import eventlog
 from gateway.log.intake import Outcome, ingest_request, reject
 from gateway.log.writer import BatchWriter
 from gateway.web import metrics
-from gateway.wire.ingest import Headers, Rejected
+from gateway.wire.ingest import Headers, LiveHeaders, Rejected
 
 if TYPE_CHECKING:
     from gateway.log.nats_log import NatsRecorder
@@ -86,18 +86,18 @@ class Webhooks:
 
     def handle(self, path: str) -> Response:
         started = time.perf_counter()
-        headers = Headers.of(request.headers.items())
-        body = _read_body(self.config.max_body)
+        req = request._get_current_object()  # once: every proxied attribute costs a lookup
+        body = _read_body(req, self.config.max_body)
         try:
             # Non-POST never gets here: refuse_other_methods keeps and answers it.
             with self.admitted():
                 outcome = ingest_request(
                     self.store.conn(),
                     self.config,
-                    headers,
+                    LiveHeaders(req.headers),
                     body,
                     path=path,
-                    remote_addr=request.remote_addr,
+                    remote_addr=req.remote_addr,
                     writer=self.writer,
                 )
         except sqlite3.Error as exc:
@@ -112,7 +112,7 @@ class Webhooks:
                 self.store.conn(),
                 verdict,
                 Headers.of(request.headers.items()),
-                _read_body(self.config.max_body),
+                _read_body(request._get_current_object(), self.config.max_body),
                 request.method,
                 path,
                 request.remote_addr,
@@ -320,16 +320,16 @@ class StreamWebhooks:
 
     def handle(self, path: str) -> Response:
         started = time.perf_counter()
-        headers = Headers.of(request.headers.items())
-        body = _read_body(self.config.max_body)
+        req = request._get_current_object()
+        body = _read_body(req, self.config.max_body)
         try:
             outcome = nats_log().ingest_to_stream(
                 self.recorder,
                 self.config,
-                headers,
+                LiveHeaders(req.headers),
                 body,
                 path=path,
-                remote_addr=request.remote_addr,
+                remote_addr=req.remote_addr,
             )
         except nats_log().NATS_FAILURES as exc:
             return self.unavailable(exc, started)
@@ -342,7 +342,7 @@ class StreamWebhooks:
                 self.recorder,
                 verdict,
                 Headers.of(request.headers.items()),
-                _read_body(self.config.max_body),
+                _read_body(request._get_current_object(), self.config.max_body),
                 request.method,
                 path,
                 request.remote_addr,
@@ -389,7 +389,7 @@ def stream_operations_blueprint(recorder: NatsRecorder) -> Blueprint:
     return bp
 
 
-def _read_body(limit: int) -> bytes:
+def _read_body(req: Request, limit: int) -> bytes:
     """Never buffer more than the limit: a declared oversize body is sampled, not read.
 
     The sample (the rejection's capped copy) is padded to limit+1 bytes so the
@@ -398,15 +398,16 @@ def _read_body(limit: int) -> bytes:
     Werkzeug allocates and zeroes a buffer of the requested size, and a megabyte
     per webhook showed up as cache misses in everything after it.
     """
-    length = request.content_length
+    length = req.content_length
+    stream = req.stream
     if length is not None and length > limit:
-        sample = request.stream.read(eventlog.BODY_CAP)
+        sample = stream.read(eventlog.BODY_CAP)
         return sample + b"\0" * (limit + 1 - len(sample))
     wanted = length if length is not None else limit + 1
     chunks: list[bytes] = []
     size = 0
     while size < wanted:
-        chunk = request.stream.read(min(wanted - size, READ_CHUNK))
+        chunk = stream.read(min(wanted - size, READ_CHUNK))
         if not chunk:
             break
         chunks.append(chunk)

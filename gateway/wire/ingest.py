@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.config import Config
 from gateway.wire import crypto, schemas
@@ -54,6 +54,13 @@ class Rejected:
         return {"error": self.code, "detail": self.detail}
 
 
+class HeaderSource(Protocol):
+    """What `LiveHeaders` reads: case-insensitive `get` and the (name, value) pairs."""
+
+    def get(self, name: str) -> str | None: ...
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 class Headers:
     """Case-insensitive header lookup over any (name, value) pairs."""
 
@@ -70,6 +77,26 @@ class Headers:
 
     def get(self, name: str) -> str | None:
         return self._map.get(name.lower())
+
+
+class LiveHeaders(Headers):
+    """Headers looked up in a case-insensitive source as they are needed (a WSGI request's).
+
+    An accepted webhook reads five of them; only a refused request keeps them all, so
+    the pairs are listed on first use instead of for every request."""
+
+    def __init__(self, source: HeaderSource) -> None:
+        self._source = source
+        self._pairs: list[tuple[str, str]] | None = None
+
+    @property  # type: ignore[override]
+    def pairs(self) -> list[tuple[str, str]]:
+        if self._pairs is None:
+            self._pairs = [(str(name), str(value)) for name, value in self._source.items()]
+        return self._pairs
+
+    def get(self, name: str) -> str | None:
+        return self._source.get(name)
 
 
 def _parse_body(body: bytes) -> Any:
