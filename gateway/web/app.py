@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from flask import Blueprint, Flask, Request, Response, request
+from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.config import Config
@@ -86,8 +86,8 @@ class Webhooks:
 
     def handle(self, path: str) -> Response:
         started = time.perf_counter()
-        req = request._get_current_object()  # once: every proxied attribute costs a lookup
-        body = _read_body(req, self.config.max_body)
+        req = request._get_current_object()
+        body = _read_body(self.config.max_body)
         try:
             # Non-POST never gets here: refuse_other_methods keeps and answers it.
             with self.admitted():
@@ -112,7 +112,7 @@ class Webhooks:
                 self.store.conn(),
                 verdict,
                 Headers.of(request.headers.items()),
-                _read_body(request._get_current_object(), self.config.max_body),
+                _read_body(self.config.max_body),
                 request.method,
                 path,
                 request.remote_addr,
@@ -321,7 +321,7 @@ class StreamWebhooks:
     def handle(self, path: str) -> Response:
         started = time.perf_counter()
         req = request._get_current_object()
-        body = _read_body(req, self.config.max_body)
+        body = _read_body(self.config.max_body)
         try:
             outcome = nats_log().ingest_to_stream(
                 self.recorder,
@@ -342,7 +342,7 @@ class StreamWebhooks:
                 self.recorder,
                 verdict,
                 Headers.of(request.headers.items()),
-                _read_body(request._get_current_object(), self.config.max_body),
+                _read_body(self.config.max_body),
                 request.method,
                 path,
                 request.remote_addr,
@@ -389,7 +389,7 @@ def stream_operations_blueprint(recorder: NatsRecorder) -> Blueprint:
     return bp
 
 
-def _read_body(req: Request, limit: int) -> bytes:
+def _read_body(limit: int) -> bytes:
     """Never buffer more than the limit: a declared oversize body is sampled, not read.
 
     The sample (the rejection's capped copy) is padded to limit+1 bytes so the
@@ -398,6 +398,7 @@ def _read_body(req: Request, limit: int) -> bytes:
     Werkzeug allocates and zeroes a buffer of the requested size, and a megabyte
     per webhook showed up as cache misses in everything after it.
     """
+    req = request._get_current_object()  # once: every proxied attribute costs a lookup
     length = req.content_length
     stream = req.stream
     if length is not None and length > limit:

@@ -65,10 +65,15 @@ class Headers:
     """Case-insensitive header lookup over any (name, value) pairs."""
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self.pairs = [(str(name), str(value)) for name, value in pairs]
+        self._pairs = [(str(name), str(value)) for name, value in pairs]
         self._map: dict[str, str] = {}
-        for name, value in self.pairs:
+        for name, value in self._pairs:
             self._map.setdefault(name.lower(), value)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every header as received, for a refusal's record."""
+        return self._pairs
 
     @classmethod
     def of(cls, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:
@@ -87,13 +92,13 @@ class LiveHeaders(Headers):
 
     def __init__(self, source: HeaderSource) -> None:
         self._source = source
-        self._pairs: list[tuple[str, str]] | None = None
+        self._listed: list[tuple[str, str]] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def pairs(self) -> list[tuple[str, str]]:
-        if self._pairs is None:
-            self._pairs = [(str(name), str(value)) for name, value in self._source.items()]
-        return self._pairs
+        if self._listed is None:
+            self._listed = [(str(name), str(value)) for name, value in self._source.items()]
+        return self._listed
 
     def get(self, name: str) -> str | None:
         return self._source.get(name)
