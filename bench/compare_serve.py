@@ -5,7 +5,10 @@ the machine's load moves A and B between runs; this drives the variants in turns
 (order reversed every round, as bench/ingest.py does) with the same closed-loop
 load and prints, per leg and as medians, requests/s and the server's CPU per
 request (utime + stime of the master and its workers from /proc), which moves
-less with the neighbours than a rate does.
+less with the neighbours than a rate does. Also per leg: the machine's idle share
+(all CPUs, /proc/stat: a server that leaves CPU idle under closed-loop load is
+waiting, not working) and, from a callgate server's /metrics, the events per
+group commit and the mean wait for and hold of the writers' turn.
 
     .venv/bin/python bench/compare_serve.py \\
         --variant old=/path/to/old/checkout --variant new=.:--threads 6
@@ -25,7 +28,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -49,6 +55,40 @@ def server_cpu(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return total
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait ticks, all ticks) of every CPU so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def group_commits(url: str) -> tuple[float, float, float, float] | None:
+    """(commits, events, seconds waited for the writers' turn, seconds held) so far, from
+    the server's /metrics; None for a server without them (A, NATS mode)."""
+    try:
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(("callgate_group_commit", "callgate_writer_turn")):
+                found[sample.name] = sample.value
+    if "callgate_group_commit_events_count" not in found:
+        return None
+    return (found["callgate_group_commit_events_count"], found["callgate_group_commit_events_sum"],
+            found["callgate_writer_turn_wait_seconds_sum"],
+            found["callgate_writer_turn_held_seconds_sum"])
+
+
+def commits_text(before: tuple[float, ...] | None, after: tuple[float, ...] | None) -> str:
+    """Events per commit and the mean turn wait/hold over one leg."""
+    if before is None or after is None or after[0] <= before[0]:
+        return ""
+    commits, events, waited, held = (a - b for a, b in zip(after, before, strict=True))
+    return (f"  {events / commits:4.1f} events/commit, turn wait {waited / commits * 1e3:4.2f} "
+            f"held {held / commits * 1e3:4.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,22 +128,28 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             server.wait_ready()
             leg(server, 2)  # warm-up
-        rows: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+        rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
         names = list(servers)
         for rnd in range(1, args.rounds + 1):
             for name in names if rnd % 2 else names[::-1]:
                 server = servers[name]
-                before = server_cpu(server.proc.pid)
+                before, idle_before = server_cpu(server.proc.pid), machine_idle()
+                base = f"http://127.0.0.1:{server.port}"
+                commits_before = group_commits(base)
                 result = leg(server, args.duration)
+                commits = commits_text(commits_before, group_commits(base))
                 cpu_us = (server_cpu(server.proc.pid) - before) / max(1, result.requests) * 1e6
-                rows[name].append((result.rps, cpu_us))
+                idle_after = machine_idle()
+                idle = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
+                rows[name].append((result.rps, cpu_us, idle))
                 print(f"round {rnd} {name:12s} {result.rps:7.0f} req/s  {cpu_us:6.0f} µs CPU "
-                      f"per request  p99 {result.p99_ms:6.1f} ms  non-2xx {result.non2xx}",
-                      flush=True)
+                      f"per request  machine idle {idle:4.0%}  p99 {result.p99_ms:6.1f} ms  "
+                      f"non-2xx {result.non2xx}{commits}", flush=True)
         print(f"medians over {args.rounds} rounds on {ingest.host()}")
         for name, got in rows.items():
-            print(f"  {name:12s} {statistics.median(r for r, _ in got):7.0f} req/s  "
-                  f"{statistics.median(c for _, c in got):6.0f} µs CPU per request")
+            print(f"  {name:12s} {statistics.median(r for r, _, _ in got):7.0f} req/s  "
+                  f"{statistics.median(c for _, c, _ in got):6.0f} µs CPU per request  "
+                  f"machine idle {statistics.median(i for _, _, i in got):4.0%}")
         print(f"machine at the end: {ingest.machine()}")
     finally:
         for server in servers.values():

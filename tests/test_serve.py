@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningServer, server_env
 from tests.corpus import cases, flows
@@ -60,6 +61,36 @@ def test_concurrent_clients_get_one_row_per_unique_event(server, db_path) -> Non
     unique = sum(flow.expect["unique_events"] for flow in flows())
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == unique
+
+
+def test_metrics_show_each_group_commit_its_events_and_the_writers_turn(server) -> None:
+    url = server.url + "/webhooks/enablex"
+    requests = [r for flow in flows() for r in flow.wire]
+
+    def send(batch: list) -> list[int]:
+        with httpx.Client(timeout=10) as client:
+            return [client.post(url, content=r.body, headers=r.headers).status_code for r in batch]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [s for chunk in pool.map(send, [requests[i::8] for i in range(8)])
+                    for s in chunk]
+    assert set(statuses) == {200}
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(("callgate_group_commit", "callgate_writer_turn"))
+        and not sample.labels
+    }
+    commits = samples["callgate_group_commit_events_count"]
+    # Every accepted webhook (duplicates included: dedup happens inside the commit)
+    # rode in exactly one group commit, and each commit took the writers' turn once.
+    assert samples["callgate_group_commit_events_sum"] == len(requests)
+    assert 1 <= commits <= len(requests)
+    assert samples["callgate_writer_turn_wait_seconds_count"] == commits
+    assert samples["callgate_writer_turn_held_seconds_count"] == commits
+    assert samples["callgate_writer_turn_held_seconds_sum"] > 0
 
 
 def _worker_masks(server: RunningServer, expect: int = 2) -> dict[int, set[int]]:

@@ -271,6 +271,7 @@ def create_app(config: Config | None = None) -> Flask:
             config.synchronous,
             busy_timeout=config.busy_timeout,
             checkpoint=config.checkpoint,
+            observer=metrics.observe_group_commit,
         )
         if config.group_commit
         else None

@@ -47,8 +47,33 @@ PUBLISH_ERRORS = Counter(
     "callgate_nats_publish_errors_total",
     "Publishes that got no PubAck in time (no quorum, no server, unsafe stream).",
 )
+# SQLite mode: one observation per group commit (BatchWriter's observer), so an
+# operator sees how deep the batches are and how long the worker processes queue
+# for the writers' turn, the figures that say whether commits or CPU limit ingest.
+GROUP_COMMIT_EVENTS = Histogram(
+    "callgate_group_commit_events",
+    "Events committed per group commit (one transaction, one fsync).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+_TURN_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.125, 0.25, 1.0)
+TURN_WAIT = Histogram(
+    "callgate_writer_turn_wait_seconds",
+    "Time a group commit waited for the writers' turn (the worker processes take turns).",
+    buckets=_TURN_BUCKETS,
+)
+TURN_HELD = Histogram(
+    "callgate_writer_turn_held_seconds",
+    "Time a group commit held the writers' turn: key store, sealing, insert and COMMIT.",
+    buckets=_TURN_BUCKETS,
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def observe_group_commit(events: int, waited: float, held: float) -> None:
+    GROUP_COMMIT_EVENTS.observe(events)
+    TURN_WAIT.observe(waited)
+    TURN_HELD.observe(held)
 
 
 def observe_publish(seconds: float, ok: bool) -> None:
