@@ -44,6 +44,32 @@ def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
     assert eventlog.verify(conn).ok
 
 
+def test_each_commit_is_reported_and_a_failing_observer_loses_nothing(db_path) -> None:
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    told: list[tuple[int, float, float]] = []
+    writer = BatchWriter(db_path, observer=lambda *seen: told.append(seen))
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(40)]
+        time.sleep(0.2)
+        blocker.execute("COMMIT")
+        assert len({f.result(timeout=30).seq for f in futures}) == 40
+    writer.close()
+    assert sum(events for events, _, _ in told) == 40
+    assert len(told) == writer.batches < 40
+    assert all(waited >= 0 and held > 0 for _, waited, held in told)
+
+    def broken(*_: object) -> None:
+        raise OSError("metrics directory is full")
+
+    writer = BatchWriter(db_path, observer=broken)
+    assert not writer.submit(lambda c: new_event(99)).duplicate
+    writer.close()
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 41
+
+
 def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
     conn = connect(db_path)
     eventlog.ensure_schema(conn)

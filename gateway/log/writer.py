@@ -356,6 +356,7 @@ class BatchWriter:
         """Commit what is queued (the leader's own event first), then pass the lead on."""
         assert self._lock is not None
         batch: list[_Job] = []
+        observed: tuple[int, float, float] | None = None
         try:
             self._gather()
             if self._conn is None:
@@ -370,8 +371,7 @@ class BatchWriter:
                 # Whatever queued while another process held the lock rides along.
                 batch = self._take()
                 committed = self._commit(self._conn, batch)
-            if self.observer is not None and committed:
-                self.observer(committed, turn - asked, time.perf_counter() - turn)
+            observed = (committed, turn - asked, time.perf_counter() - turn)
         except Exception as exc:
             # Nothing in this batch was committed: every waiter gets the error (a storage
             # error becomes 503), also when the lock was never ours, as a locked database
@@ -389,6 +389,12 @@ class BatchWriter:
                     self._pending[0].promote()
                 else:
                     self._leading = False
+        if observed is not None and observed[0] and self.observer is not None:
+            # After the next leader took over; the events are committed and their
+            # requests answered 2xx, so a failing metrics sink must not turn that into
+            # an error.
+            with contextlib.suppress(Exception):
+                self.observer(*observed)
 
     def close(self) -> None:
         """Stop this process's checkpointer and close the write connection if idle."""
