@@ -133,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             for name in names if rnd % 2 else names[::-1]:
                 server = servers[name]
-                before, idle_before = server_cpu(server.proc.pid), machine_idle()
+                # /metrics is read outside the measured window: its own CPU is not counted.
                 base = f"http://127.0.0.1:{server.port}"
                 commits_before = group_commits(base)
+                before, idle_before = server_cpu(server.proc.pid), machine_idle()
                 result = leg(server, args.duration)
-                commits = commits_text(commits_before, group_commits(base))
                 cpu_us = (server_cpu(server.proc.pid) - before) / max(1, result.requests) * 1e6
                 idle_after = machine_idle()
+                commits = commits_text(commits_before, group_commits(base))
                 idle = (idle_after[0] - idle_before[0]) / max(1, idle_after[1] - idle_before[1])
                 rows[name].append((result.rps, cpu_us, idle))
                 print(f"round {rnd} {name:12s} {result.rps:7.0f} req/s  {cpu_us:6.0f} µs CPU "

@@ -45,18 +45,22 @@ def test_serve_answers_the_whole_corpus(server, db_path) -> None:
     assert errors == [case["expect"]["error"] for case in cases("bad")]
 
 
-def test_concurrent_clients_get_one_row_per_unique_event(server, db_path) -> None:
-    url = server.url + "/webhooks/enablex"
-    requests = [r for flow in flows() for r in flow.wire]
+def _send_at_once(url: str, batches: list[list]) -> list[int]:
+    """Each batch of corpus requests from a client of its own, all clients at once."""
 
     def send(batch: list) -> list[int]:
         with httpx.Client(timeout=10) as client:
             return [client.post(url, content=r.body, headers=r.headers).status_code for r in batch]
 
-    # Every request sent twice from different clients at once: dedup must hold under races.
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        statuses = [s for chunk in pool.map(send, [requests[i::4] for i in range(4)] * 2)
-                    for s in chunk]
+        return [status for chunk in pool.map(send, batches) for status in chunk]
+
+
+def test_concurrent_clients_get_one_row_per_unique_event(server, db_path) -> None:
+    requests = [r for flow in flows() for r in flow.wire]
+    # Every request sent twice from different clients at once: dedup must hold under races.
+    statuses = _send_at_once(server.url + "/webhooks/enablex",
+                             [requests[i::4] for i in range(4)] * 2)
     assert set(statuses) == {200}
     unique = sum(flow.expect["unique_events"] for flow in flows())
     with sqlite3.connect(db_path) as conn:
@@ -64,16 +68,8 @@ def test_concurrent_clients_get_one_row_per_unique_event(server, db_path) -> Non
 
 
 def test_metrics_show_each_group_commit_its_events_and_the_writers_turn(server) -> None:
-    url = server.url + "/webhooks/enablex"
     requests = [r for flow in flows() for r in flow.wire]
-
-    def send(batch: list) -> list[int]:
-        with httpx.Client(timeout=10) as client:
-            return [client.post(url, content=r.body, headers=r.headers).status_code for r in batch]
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        statuses = [s for chunk in pool.map(send, [requests[i::8] for i in range(8)])
-                    for s in chunk]
+    statuses = _send_at_once(server.url + "/webhooks/enablex", [requests[i::8] for i in range(8)])
     assert set(statuses) == {200}
     text = httpx.get(server.url + "/metrics", timeout=10).text
     samples = {
