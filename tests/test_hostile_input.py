@@ -67,6 +67,11 @@ PLAINTEXTS: tuple[str, ...] = (
     '{"broadcast_id": "b1", "state": "broadcastcomplete", "resultSet": "oops"}',
     '{"voice_id": "h1", "state": "\\u0000", "from": "\\udfff\\ud800"}',
     '{"voice_id": "' + "v" * 200_000 + '"}',
+    '{"voice_id": "h1", "state": "connected", "timestamp": 1' + "0" * 400 + "}",
+    '{"broadcast_id": "b1", "state": "broadcastcomplete", "broadcast_call_info": '
+    '[{"voice_id": "x", "to": 100000000000000000000000}]}',
+    '{"broadcast_id": "b1", "state": "broadcastcomplete", "broadcast_call_info": '
+    '[{"voice_id": "x", "to": ' + "[" * 300 + "]" * 300 + "}]}",
 )
 WRAPPERS: tuple[Callable[[bytes], bytes], ...] = (
     lambda b: b'{"encrypted_data": ' + b + b"}",
@@ -417,6 +422,64 @@ def test_hostile_requests_through_the_real_server(server: Any, db_path: str) -> 
     )
     assert sum(outcomes.values()) == len(sends)
     assert outcomes["event"] == 1 and outcomes["duplicate"] == 2  # redelivery, chunked+padded
+
+
+BIG = "1" + "0" * 400
+# Valid JSON the log could not write back (orjson writes 64-bit integers and 255 levels at
+# most): before the parser refused them, each was accepted, then failed while being sealed
+# and answered 503 with nothing kept, and took the valid events of its batch down with it.
+UNSTORABLE = {
+    "timestamp": '{"voice_id": "u1", "state": "connected", "timestamp": ' + BIG + "}",
+    "negative timestamp": '{"voice_id": "u2", "state": "connected", "timestamp": -' + BIG + "}",
+    "confidence": '{"voice_id": "u3", "state": "connected", "confidence": ' + BIG + "}",
+    "recording_duration": '{"voice_id": "u4", "state": "connected", "recording_duration": '
+    + BIG + "}",
+    "failed_calls": '{"broadcast_id": "u5", "state": "broadcastcomplete", '
+    '"resultSet": {"failed_calls": ' + BIG + "}}",
+    "a number past 64 bits": '{"broadcast_id": "u6", "state": "broadcastcomplete", '
+    '"broadcast_call_info": [{"voice_id": "x", "to": 100000000000000000000000}]}',
+    "nested 300 deep": '{"broadcast_id": "u7", "state": "broadcastcomplete", '
+    '"broadcast_call_info": [{"voice_id": "x", "to": ' + "[" * 300 + "]" * 300 + "}]}",
+}
+
+
+def test_json_the_log_cannot_store_back_is_refused_and_kept_beside_valid_events(
+    server: Any, db_path: str
+) -> None:
+    """Invariants 2 and 7 through the real server: each unstorable event is a 400 and a
+    rejection row, and the valid events sent with it at once are all logged."""
+    headers = dict(BASES[-1].headers)
+
+    def body(text: str) -> bytes:
+        cipher = crypto.encrypt_event(text, "aes-256-cbc", "hex", "utf8", APP_ID)
+        return json.dumps({"encrypted_data": cipher}).encode()
+
+    valid = [
+        body(json.dumps({"voice_id": f"ok-{n}", "state": "connected",
+                         "timestamp": 1710148509000 + n, "confidence": 2**63 - 1}))
+        for n in range(40)
+    ]
+    bad = [body(text) for text in UNSTORABLE.values()]
+    sends = valid[:20] + bad + valid[20:]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(
+            lambda content: http.post(server.url + URL, content=content, headers=headers), sends
+        ))
+    statuses = [a.status_code for a in answers]
+    assert statuses[:20] + statuses[-20:] == [200] * 40, statuses
+    assert statuses[20:-20] == [400] * len(UNSTORABLE), statuses
+    assert all(a.json()["error"] == "undecryptable" for a in answers[20:-20])
+    with sqlite3.connect(db_path) as conn:
+        events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        kept = conn.execute("SELECT error, detail FROM rejections ORDER BY id").fetchall()
+    assert events == 40
+    assert [error for error, _ in kept] == ["bad_plaintext"] * len(UNSTORABLE)
+    details = {detail for _, detail in kept}
+    assert any("integer beyond 64 bits" in d for d in details), details
+    assert any("deeper than" in d for d in details), details
 
 
 def _oracle_probes() -> dict[str, tuple[str, bytes]]:

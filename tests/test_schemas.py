@@ -142,3 +142,23 @@ def test_extra_text_must_be_text_to_validate() -> None:
     with pytest.raises(ValidationError):
         field.deserialize({"from": 919876543210})
     assert normalise({"voice_id": "v", "from": 919876543210}, NOW)["from"] == "919876543210"
+
+
+def test_numbers_past_float_or_64_bits_become_absent_not_an_error() -> None:
+    """normalise() never raises on a number: an integer past float (OverflowError before)
+    times the event by its arrival, and whole floats past 64 bits stay floats, so every
+    normalised event can be written back as JSON (orjson writes 64-bit integers only)."""
+    huge = 10**400
+    received = "2024-03-11T09:15:09.000Z"
+    for sign in (1, -1):
+        event = normalise({"voice_id": "v", "state": "connected", "timestamp": sign * huge},
+                          received)
+        assert event["occurred_at"] == received
+    assert parse_timestamp(huge) is None
+    call = normalise({"voice_id": "v", "state": "connected", "recording_duration": "1e300",
+                      "confidence": "nan"}, received)
+    assert call["recording_duration"] == 1e300 and isinstance(call["recording_duration"], float)
+    assert call.get("confidence") is None
+    summary = normalise({"broadcast_id": "b", "state": "broadcastcomplete",
+                         "resultSet": {"failed_calls": "1e400", "successful_calls": 7.0}}, received)
+    assert summary.get("broadcast_failed") is None and summary["broadcast_successful"] == 7

@@ -381,9 +381,19 @@ def decode_plaintext(data: bytes, encoding: str) -> str:
 # --------------------------------------------------------------------------- strict JSON
 
 
+# Deeper than this is no EnableX event (theirs nest three levels), and orjson, which
+# stores and re-reads every event, refuses to write more than 255 levels.
+MAX_JSON_DEPTH = 64
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson can write back
+
+
+class _Unstorable(ValueError):
+    """Valid JSON that the log could not store back as it came (its message is ours)."""
+
+
 def _reject_constant(name: str) -> object:
     """parse_constant hook: JavaScript's JSON.parse has no NaN/Infinity literals."""
-    raise ValueError(f"{name} is not JSON")
+    raise _Unstorable(f"{name} is not JSON")
 
 
 def _finite_float(text: str) -> float:
@@ -391,11 +401,35 @@ def _finite_float(text: str) -> float:
     back as valid JSON)."""
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError("number out of range")
+        raise _Unstorable("number out of range")
     return value
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+def _int64(text: str) -> int:
+    """parse_int hook: refuse integers beyond 64 bits, which orjson cannot write (the event
+    would be accepted, then fail to be sealed or projected)."""
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise _Unstorable("integer beyond 64 bits")
+    return value
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64
+)
 
 
 def _has_lone_surrogate(value: object) -> bool:
@@ -416,18 +450,27 @@ def _has_lone_surrogate(value: object) -> bool:
 def parse_strict_json(text: str) -> object:
     """Parse like JavaScript's JSON.parse: no BOM, NaN, Infinity or trailing data.
 
-    Also refused: numbers overflowing to infinity and escaped lone surrogates, neither of
-    which could be stored back as valid UTF-8 JSON.
+    Also refused: what could not be stored back as valid UTF-8 JSON: numbers overflowing
+    to infinity, integers beyond 64 bits, escaped lone surrogates, and nesting deeper than
+    MAX_JSON_DEPTH.
     """
     try:
         # JSONDecoder.decode (not json.loads) keeps one prebuilt decoder and treats a BOM
         # as an unexpected character.
         value = _DECODER.decode(text)
     except (ValueError, RecursionError, TypeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        if isinstance(exc, json.JSONDecodeError):
+            reason = exc.msg
+        else:
+            reason = str(exc) if isinstance(exc, _Unstorable) else type(exc).__name__
         raise CryptoError("bad_plaintext", f"plaintext is not strict JSON ({reason})") from None
     if "\\u" in text and _has_lone_surrogate(value):
         raise CryptoError("bad_plaintext", "plaintext JSON has an unpaired surrogate escape")
+    # Counting brackets is cheap and spares every ordinary event the walk.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+        raise CryptoError(
+            "bad_plaintext", f"plaintext JSON nests deeper than {MAX_JSON_DEPTH} levels"
+        )
     return value
 
 

@@ -8,6 +8,7 @@ know about `voice_Id`, `timeStamp`, `playstateus` or `digit: 0`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -105,8 +106,8 @@ def parse_timestamp(value: Any) -> str | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        seconds = value / 1000 if value > 1e11 else value
         try:
+            seconds = value / 1000 if value > 1e11 else value  # an int past float: Overflow
             return format_utc(datetime.fromtimestamp(seconds, UTC))
         except (OverflowError, OSError, ValueError):
             return None
@@ -170,14 +171,18 @@ def _first_text(raw: Mapping[str, Any], keys: tuple[str, ...]) -> str | None:
 def _number(value: Any) -> int | float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return int(value) if float(value).is_integer() else value
+    if isinstance(value, int):
+        return value  # the strict parser admits 64-bit integers only
     if isinstance(value, str):
         try:
-            parsed = float(value)
+            value = float(value)
         except ValueError:
             return None
-        return int(parsed) if parsed.is_integer() else parsed
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        # Whole numbers as ints, as long as JSON tools can write them back (64 bits).
+        return int(value) if value.is_integer() and abs(value) < 2**63 else value
     return None
 
 
