@@ -86,6 +86,67 @@ def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
     assert sum(not r.duplicate for r in results) == 1
 
 
+def unstorable_event(n: int) -> eventlog.NewEvent:
+    """An event that reached the log API although no JSON tool can write it back (nested
+    past orjson's 255 levels in a sealed field): the HTTP parser refuses such input, this
+    stands for any one event whose sealing fails."""
+    nested: object = []
+    for _ in range(300):
+        nested = [nested]
+    event = {"broadcast_id": f"b-{n}", "class": "broadcast", "state": "broadcastcomplete",
+             "occurred_at": "2024-03-11T09:15:00.000Z",
+             "broadcast_call_info": [{"voice_id": "x", "to": nested}]}
+    return eventlog.NewEvent(event, "{}", {"n": n}, "plaintext", utc_now())
+
+
+def test_one_event_the_log_cannot_take_fails_alone_and_its_batch_is_committed(db_path) -> None:
+    """Before, it failed every event of its batch: requests answered 503 and kept nowhere."""
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(16) as pool:
+        futures = {n: pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(30)}
+        poison = pool.submit(writer.submit, lambda c: unstorable_event(1))
+        time.sleep(0.3)
+        blocker.execute("COMMIT")
+        results = [f.result(timeout=30) for f in futures.values()]
+        error = poison.exception(timeout=30)
+    assert error is not None and not isinstance(error, sqlite3.Error)
+    assert sorted(r.seq for r in results) == list(range(1, 31))
+    assert writer.submit(lambda c: new_event(99)).seq == 31  # and the writer carries on
+    writer.close()
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 31
+    assert eventlog.verify(conn).ok
+
+
+def test_admitted_requests_are_counted_out_again_on_a_fresh_writer(db_path) -> None:
+    """The count of requests a gathering leader waits for returns to zero. Before, the first
+    submit of a process (and the first after close) reset it while the requests admitted
+    before it were counted, each then took itself off again, and below zero no leader
+    ever waited for requests in flight."""
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    writer = BatchWriter(db_path)
+    for base in (0, 100):  # a new writer, then the same one after close()
+        barrier = threading.Barrier(8)
+
+        def request(n: int, barrier: threading.Barrier = barrier, base: int = base) -> None:
+            with writer.admitted():
+                barrier.wait()
+                writer.submit(lambda c: new_event(base + n))
+
+        threads = [threading.Thread(target=request, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert writer._waiting == 0
+        writer.close()
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 16
+
+
 def test_a_failed_commit_fails_every_waiter_and_the_writer_recovers(db_path) -> None:
     conn = connect(db_path)
     eventlog.ensure_schema(conn)

@@ -425,12 +425,39 @@ class BatchWriter:
                 job.settle(None, exc)
         if not items:
             return 0
-        results = eventlog.append_batch(conn, items, self._store)
+        try:
+            results = eventlog.append_batch(conn, items, self._store)
+        except (sqlite3.Error, keystore.KeyStoreError):
+            raise  # storage: nothing of the batch was committed, every waiter gets it
+        except Exception:
+            if len(items) == 1:
+                raise
+            # One event the log cannot take (it rolled back the whole batch): append them
+            # one by one so only that event fails and the others are still committed.
+            return self._commit_each(conn, live, items)
         self.batches += 1
         self.events += len(items)
         for job, result in zip(live, results, strict=True):
             job.settle(result, None)
         return len(items)
+
+    def _commit_each(
+        self, conn: sqlite3.Connection, jobs: list[_Job], items: list[eventlog.NewEvent]
+    ) -> int:
+        committed = 0
+        for job, item in zip(jobs, items, strict=True):
+            try:
+                result = eventlog.append_batch(conn, [item], self._store)[0]
+            except (sqlite3.Error, keystore.KeyStoreError):
+                raise  # the caller fails the jobs not settled yet
+            except Exception as exc:
+                job.settle(None, exc)
+                continue
+            self.batches += 1
+            self.events += 1
+            committed += 1
+            job.settle(result, None)
+        return committed
 
 
 class _Admission:
@@ -448,6 +475,9 @@ class _Admission:
 
     def __enter__(self) -> _Admission:
         with self.writer._mutex:
+            # Set up first: doing it on the first submit would zero the count of the
+            # requests admitted before it, and each would then take itself off again.
+            self.writer._for_this_process()
             self.writer._waiting += 1
         self._outer, _admission.marker = _admission.marker, self
         return self
