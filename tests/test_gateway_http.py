@@ -175,6 +175,35 @@ def test_secret_path_token(make_app, db_path) -> None:
     assert all("s3cret" not in s[1] and "guess" not in s[1] for s in stored)
 
 
+def test_posts_to_any_path_under_the_endpoint_are_an_event_or_kept(make_app, db_path) -> None:
+    """A trailing slash reaches the endpoint; any other path under it is a kept bad_token.
+    Before, each of these POSTs got a 404 (or a 308 to a merged path) and was stored nowhere."""
+    app = make_app(Config(db_path=db_path, app_ids=(APP_ID,), webhook_token="s3cret-path"))
+    client = app.test_client()
+    sends = {
+        URL + "/s3cret-path/": 200,
+        URL + "/s3cret-path/extra": 404,
+        URL + "/s3cret-path/extra/": 404,
+        URL + "//s3cret-path": 404,
+        URL + "/": 404,
+    }
+    for n, (path, status) in enumerate(sends.items()):
+        event = {**EVENT, "voice_id": f"path-{n}"}
+        answer = client.post(path, data=encrypted(event), headers=HEADERS)
+        assert answer.status_code == status, (path, answer.status_code)
+        assert answer.is_json and set(answer.get_json()) >= ({"status"} if status == 200
+                                                             else {"error", "detail"})
+    assert rows(db_path, "SELECT count(*) FROM events") == [(1,)]
+    stored = rows(db_path, "SELECT error, path FROM rejections")
+    assert [error for error, _ in stored] == ["bad_token"] * 4
+    assert all("s3cret" not in path and "extra" not in path for _, path in stored)
+
+    tokenless = make_app(Config(db_path=db_path + "-2", app_ids=(APP_ID,))).test_client()
+    assert tokenless.post(URL + "/", data=encrypted(EVENT), headers=HEADERS).status_code == 200
+    assert tokenless.post(URL + "/a/b", data=encrypted(EVENT), headers=HEADERS).status_code == 404
+    assert rows(db_path + "-2", "SELECT error FROM rejections") == [("bad_token",)]
+
+
 def test_other_methods_get_json_405_and_are_recorded(client, db_path) -> None:
     for method in ("get", "put", "delete"):
         answer = getattr(client, method)(URL)

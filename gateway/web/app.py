@@ -160,26 +160,36 @@ def webhook_blueprint(hooks: Hooks) -> Blueprint:
 
     @bp.before_app_request
     def refuse_other_methods() -> Response | None:
-        """Any non-POST on the webhook paths (even OPTIONS, TRACE, made-up verbs) is kept.
+        """Any non-POST on the webhook paths (even OPTIONS, TRACE, made-up verbs) is kept,
+        and so is a POST to a path under them that no route matches (`/a/b`, `//`).
 
-        Runs before routing errors are raised, so Flask's own automatic OPTIONS
-        and 405 answers never bypass the rejections table: nothing is dropped.
+        Runs before routing errors are raised, so Flask's own automatic OPTIONS, 405,
+        404 and slash-merging redirect answers never bypass the rejections table:
+        nothing is dropped.
         """
-        if request.method == "POST" or not request.path.startswith("/webhooks/enablex"):
+        if not request.path.startswith("/webhooks/enablex"):
             return None
         tokenless = request.path.rstrip("/") == "/webhooks/enablex"
         path = "/webhooks/enablex" if tokenless else "/webhooks/enablex/<redacted>"
-        return hooks.refuse(
-            Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"), path
-        )
+        if request.method != "POST":
+            return hooks.refuse(
+                Rejected("method_not_allowed", f"{request.method} is not accepted; use POST"),
+                path,
+            )
+        if request.routing_exception is not None and (
+            tokenless or request.path.startswith("/webhooks/enablex/")
+        ):
+            return hooks.wrong_token(path)
+        return None
 
-    @bp.route("/webhooks/enablex", methods=methods)
+    # A trailing slash (`event_url` set as …/enablex/<token>/) reaches the same route.
+    @bp.route("/webhooks/enablex", methods=methods, strict_slashes=False)
     def webhook() -> Response:
         if token:
             return hooks.wrong_token("/webhooks/enablex")
         return hooks.handle("/webhooks/enablex")
 
-    @bp.route("/webhooks/enablex/<path_token>", methods=methods)
+    @bp.route("/webhooks/enablex/<path_token>", methods=methods, strict_slashes=False)
     def webhook_with_token(path_token: str) -> Response:
         if not token or not tokens_match(path_token, token):
             return hooks.wrong_token("/webhooks/enablex/<redacted>")
