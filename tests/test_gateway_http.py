@@ -216,6 +216,25 @@ def test_unknown_paths_answer_json_not_html(client) -> None:
     assert answer.status_code == 404 and answer.get_json()["error"] == "not_found"
 
 
+def test_public_metrics_do_not_tell_the_decrypt_stages_apart(client, db_path) -> None:
+    """The answer to every decrypt-stage failure is identical (no padding oracle); so must
+    the public /metrics be. Before, its error label said bad_decrypt (padding wrong) or
+    bad_plaintext (padding right), which was enough to decrypt a captured request."""
+    good = json.loads(encrypted(EVENT))["encrypted_data"]
+    raw = bytes.fromhex(good)
+    bad_padding = raw[:-17] + bytes((raw[-17] ^ 0x01,)) + raw[-16:]
+    not_json = crypto.encrypt_event("hello, EnableX", "aes-256-cbc", "hex", "utf8", APP_ID)
+    for cipher in (bad_padding.hex(), not_json, "zz"):
+        answer = client.post(URL, data=json.dumps({"encrypted_data": cipher}), headers=HEADERS)
+        assert answer.get_json()["error"] == "undecryptable"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'callgate_webhook_requests_total{error="undecryptable",outcome="rejected"} 3.0' in text
+    for exact in ("bad_decrypt", "bad_plaintext", "bad_ciphertext"):
+        assert exact not in text
+    kept = rows(db_path, "SELECT error FROM rejections ORDER BY error")
+    assert kept == [("bad_ciphertext",), ("bad_decrypt",), ("bad_plaintext",)]
+
+
 def test_healthz_and_metrics(client) -> None:
     client.post(URL, data=encrypted(EVENT), headers=HEADERS)
     client.post(URL, data=encrypted(EVENT), headers=HEADERS)

@@ -27,7 +27,7 @@ from gateway.log import eventlog
 from gateway.log.intake import Outcome, ingest_request, reject
 from gateway.log.writer import BatchWriter
 from gateway.web import metrics
-from gateway.wire.ingest import Headers, LiveHeaders, Rejected
+from gateway.wire.ingest import Headers, LiveHeaders, Rejected, public_code
 
 if TYPE_CHECKING:
     from gateway.log.nats_log import NatsRecorder
@@ -430,7 +430,8 @@ def _read_body(limit: int) -> bytes:
 def _answer(outcome: Outcome, started: float) -> Response:
     elapsed = time.perf_counter() - started
     label = "rejected" if outcome.error else "duplicate" if outcome.duplicate else "accepted"
-    metrics.observe(label, outcome.error or "", elapsed)
+    # The exact code goes to the log and the rejections table, which only operators read.
+    metrics.observe(label, public_code(outcome.error) if outcome.error else "", elapsed)
     log.info(
         "outcome=%s error=%s class=%s seq=%s latency_ms=%.1f",
         label,

@@ -30,6 +30,12 @@ STATUS = {
 PLAINTEXT_LABEL = "plaintext"
 
 
+def public_code(code: str) -> str:
+    """The error code anyone may learn (answers, the public /metrics): the decrypt stage's
+    three codes are one, or their counts would be the padding oracle the answer hides."""
+    return UNDECRYPTABLE["error"] if code in DECRYPT_STAGE else code
+
+
 @dataclass(frozen=True)
 class Accepted:
     event: dict[str, Any]
@@ -49,7 +55,7 @@ class Rejected:
 
     def response(self) -> dict[str, str]:
         """What the client sees; decrypt-stage codes are collapsed into one answer."""
-        if self.code in DECRYPT_STAGE:
+        if public_code(self.code) != self.code:
             return dict(UNDECRYPTABLE)
         return {"error": self.code, "detail": self.detail}
 
