@@ -424,6 +424,47 @@ def test_hostile_requests_through_the_real_server(server: Any, db_path: str) -> 
     assert outcomes["event"] == 1 and outcomes["duplicate"] == 2  # redelivery, chunked+padded
 
 
+def _raw_post(url: str, head: str, body: bytes) -> bytes:
+    """One request written byte for byte (httpx cannot send broken chunked framing)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_broken_chunked_framing_is_answered_400_and_kept(server: Any, db_path: str) -> None:
+    """Before, gunicorn's InvalidChunkSize escaped the body read: 503 "internal", nothing
+    kept. Now what gunicorn handed over before the error (here nothing: it fails the whole
+    read) is judged like any body, and the request is kept with its headers."""
+    good = BASES[-1]
+    head = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "x-algoritm: aes-256-cbc\r\nx-format: hex\r\nx-encoding: utf8\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n")
+    half = len(good.body) // 2
+    broken = {
+        "bad size": b"zz\r\n" + good.body + b"\r\n0\r\n\r\n",
+        "bad size after a good chunk": b"%x\r\n" % half + good.body[:half] + b"\r\nzz\r\n",
+    }
+    for name, body in broken.items():
+        answer = _raw_post(server.url, head, body)
+        status_line = answer.split(b"\r\n", 1)[0]
+        assert b" 400 " in status_line, (name, answer[:300])
+        assert b'"error":"bad_body"' in answer, (name, answer[-300:])
+    with sqlite3.connect(db_path) as conn:
+        kept = conn.execute("SELECT error, body_size FROM rejections ORDER BY id").fetchall()
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    assert kept == [("bad_body", 0), ("bad_body", 0)]
+
+
 BIG = "1" + "0" * 400
 # Valid JSON the log could not write back (orjson writes 64-bit integers and 255 levels at
 # most): before the parser refused them, each was accepted, then failed while being sealed

@@ -413,13 +413,21 @@ def _read_body(limit: int) -> bytes:
     length = req.content_length
     stream = req.stream
     if length is not None and length > limit:
-        sample = stream.read(eventlog.BODY_CAP)
+        try:
+            sample = stream.read(eventlog.BODY_CAP)
+        except OSError:
+            sample = b""
         return sample + b"\0" * (limit + 1 - len(sample))
     wanted = length if length is not None else limit + 1
     chunks: list[bytes] = []
     size = 0
     while size < wanted:
-        chunk = stream.read(min(wanted - size, READ_CHUNK))
+        try:
+            chunk = stream.read(min(wanted - size, READ_CHUNK))
+        except OSError:
+            # Broken chunked framing or a connection lost mid-body (gunicorn's errors are
+            # OSErrors): what arrived is judged like any body, so it is kept, not dropped.
+            break
         if not chunk:
             break
         chunks.append(chunk)
