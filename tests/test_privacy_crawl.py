@@ -33,7 +33,7 @@ from datasette.utils import tilde_encode
 
 from analytics.datasette_app import rendered_metadata_path
 from tests.corpus import APP_ID, ROOT, cases, flows
-from tests.test_datasette_helpers import OPERATOR_TOKEN, Built, Datasette
+from tests.test_datasette_helpers import OPERATOR_TOKEN, Built, Datasette, wait_until
 
 MAX_PAGES = 4000  # a runaway crawl fails instead of running for ever
 VARIANTS_PER_PATH = 1  # followed links: query-string variants (sorts, facets) per path
@@ -316,3 +316,42 @@ def test_non_ascii_bearer_token_is_a_400_not_a_500(ds: Datasette) -> None:
         assert response.status_code == 400, response.text
         assert response.json()["error"] == "bad_authorization"
     assert ds.get(f"/{ds.name}/events.json", token=OPERATOR_TOKEN).status_code == 200
+
+
+def test_non_ascii_cookie_is_a_400_not_a_500(ds: Datasette) -> None:
+    """The CSRF middleware decoded cookies strictly: UnicodeDecodeError, 500."""
+    response = httpx.get(f"{ds.url}/{ds.name}/calls", timeout=10,
+                         headers=[("cookie", b"ds_actor=\xff\xfe")])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "bad_authorization"
+
+
+def test_no_path_redirects_to_another_site(ds: Datasette) -> None:
+    """Datasette's trailing-slash redirect sent `/\\evil.com/` to `/\\evil.com`, which a
+    browser reads as //evil.com: an open redirect on the public port."""
+    import socket
+
+    for path in ("/\\evil.com/", "//evil.com/", "/%5Cevil.com/"):
+        with socket.create_connection(("127.0.0.1", ds.port), timeout=10) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"evil.com" not in head, (path, head)
+        assert not head.startswith((b"http/1.1 30",)), (path, head)
+
+
+def test_the_access_log_keeps_no_query_string(ds: Datasette, secrets: Secrets) -> None:
+    """An operator's number search travels in the query string; uvicorn's access log wrote
+    it to stdout in the clear. The log now keeps the path and `?…` only."""
+    number = sorted(secrets.numbers)[0]
+    response = ds.get(f"/{ds.name}/find_calls.json", token=OPERATOR_TOKEN, number=number)
+    assert response.status_code == 200 and number in response.text
+    assert wait_until(
+        lambda: f"/{ds.name}/find_calls.json" in ds.server.log_path.read_text("utf-8", "replace")
+    )
+    text = ds.server.log_path.read_text("utf-8", "replace")
+    assert not secrets.pattern().search(text.lower()), secrets.pattern().search(text.lower())
+    assert "?sql=" not in text and "number=" not in text
+    assert f"/{ds.name}/find_calls.json?…" in text
