@@ -205,6 +205,36 @@ def test_erase_of_an_unknown_number_or_call_says_so_and_exits_1(tmp_path: Path) 
     assert callgate("erase", "--db", db).returncode == 2  # nothing chosen: usage error
 
 
+def test_erase_by_number_reaches_refused_requests_that_wrote_it_formatted(
+    tmp_path: Path, make_app
+) -> None:
+    """Events are matched by the digits of their numbers, refused requests only by whole
+    digit runs: one that wrote the number as `+91 98200-12345` kept it readable."""
+    db = str(tmp_path / "callgate.db")
+    from gateway.config import Config
+
+    app = make_app(Config(db_path=db, app_ids=(APP_ID,)))
+    client = app.test_client()
+    written = ("+91 98200-12345", "(91) 98200.12345", "919820012345")
+    for n, number in enumerate(written):
+        assert client.post("/webhooks/enablex", json={
+            "voice_id": f"fmt-{n}", "state": "connected", "from": number}).status_code == 200
+        refused = client.post("/webhooks/enablex", json={"state": "connected", "from": number,
+                                                         "note": f"refused {n}"})
+        assert refused.status_code == 422
+    other = client.post("/webhooks/enablex", json={"state": "ringing", "from": "+91 98200 12346"})
+    assert other.status_code == 422
+    app.extensions["callgate_writer"].close()
+    result = callgate("erase", "--number", TYPED, "--yes", "--db", db)
+    assert result.returncode == 0, result.stderr
+    assert "3 call(s)" in result.stdout and "3 refused request(s)" in result.stdout
+    cached = connect(db)
+    keystore.forget(cached)  # this process's keys were cached before the erasure
+    cached.close()
+    left = [text for text in opened_texts(db) if "9820" in text]
+    assert len(left) == 1 and "12346" in left[0], left  # only the other caller's request
+
+
 def test_erase_of_one_call_and_by_retention(tmp_path: Path) -> None:
     db = str(tmp_path / "callgate.db")
     conn = open_log(db)

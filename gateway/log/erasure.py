@@ -28,6 +28,9 @@ from gateway.wire.schemas import format_utc
 
 REJECTION_PREFIX = "rejection:"
 _DIGIT_RUNS = re.compile(r"\d+")
+# A number as people and systems write it: digits with spaces, dots, dashes or brackets
+# between them, maybe a leading +; its digits are what the events' tags were made of.
+_WRITTEN_NUMBERS = re.compile(r"\+?\(?\d[\d ().-]*\d")
 SCRUB_WAIT_SECONDS = 10.0  # for readers (Datasette, the projector) to let the WAL go
 
 
@@ -111,10 +114,20 @@ def plan_number(conn: sqlite3.Connection, store: KeyStore, config: Config, numbe
     units = set(store.units_of_number(digits))
     requests = 0
     for unit, texts in _rejection_texts(conn, sealing.Opener(store), config):
-        if any(digits in _DIGIT_RUNS.findall(text) for text in texts):
+        if any(_mentions_number(text, digits) for text in texts):
             units.add(unit)
             requests += 1
     return _classify(conn, units, requests)
+
+
+def _mentions_number(text: str, digits: str) -> bool:
+    """Whether a stored request carries this number: as a run of digits of its own, or
+    written with separators (`+91 80684-75012`), as events are matched by their digits."""
+    if digits in _DIGIT_RUNS.findall(text):
+        return True
+    return any(
+        sealing.digits_of(written) == digits for written in _WRITTEN_NUMBERS.findall(text)
+    )
 
 
 def plan_call(conn: sqlite3.Connection, store: KeyStore, config: Config, voice_id: str) -> Plan:
