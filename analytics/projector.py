@@ -38,7 +38,7 @@ from typing import Any
 from analytics import folds, privacy, tables
 from gateway.config import Config
 from gateway.db import connect, log_head_seq, transaction, utc_now
-from gateway.log import eventlog, keystore, sealing
+from gateway.log import erasure, eventlog, keystore, sealing
 from gateway.signals import stop_on_signals
 
 CHECKPOINT = tables.PROJECTOR_CHECKPOINT
@@ -269,16 +269,25 @@ def project_once(
             new = (
                 _cursor(conn)
                 .execute(
-                    "SELECT seq, voice_id, broadcast_id FROM events WHERE seq > ? "
-                    "ORDER BY seq LIMIT ?",
+                    "SELECT seq, voice_id, broadcast_id, "
+                    f"CASE WHEN class = '{erasure.ERASURE_CLASS}' THEN payload END "
+                    "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
                     (start, batch),
                 )
                 .fetchall()
             )
             if not new:
                 return 0
-            voice_ids = sorted({row[1] for row in new if row[1] is not None})
-            broadcast_ids = sorted({row[2] for row in new if row[2] is not None})
+            voice_ids = {row[1] for row in new if row[1] is not None}
+            broadcast_ids = {row[2] for row in new if row[2] is not None}
+            for row in new:
+                if row[3] is not None:
+                    # `callgate erase` re-folds what it erased itself; this makes sure of
+                    # it should that step have failed or never run.
+                    calls, broadcasts = erasure.erased_units(unseal.event(row[3]))
+                    voice_ids.update(calls)
+                    broadcast_ids.update(broadcasts)
+            voice_ids, broadcast_ids = sorted(voice_ids), sorted(broadcast_ids)
             pending = _fold(conn, voice_ids, broadcast_ids, unseal, policy)
         finally:
             conn.execute("COMMIT")  # ends the read snapshot

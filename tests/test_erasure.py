@@ -235,6 +235,61 @@ def test_erase_by_number_reaches_refused_requests_that_wrote_it_formatted(
     assert len(left) == 1 and "12346" in left[0], left  # only the other caller's request
 
 
+def test_a_busy_log_erases_nothing_and_says_so_then_erase_completes(tmp_path: Path) -> None:
+    """Before, the keys went first and the audit append then failed on the locked log: a
+    traceback, no audit event, the caller's number left in the projections, and a second
+    run found nothing to erase. Now erase waits its turn among the log's writers; if the
+    log stays busy, nothing is destroyed."""
+    from gateway.log.writer import WriterLock
+
+    db = str(tmp_path / "callgate.db")
+    conn = open_log(db)
+    flow = flows()[0]
+    append_all(conn, flow.events)
+    projector.project_all(conn)
+    voice_id = flow.events[0]["voice_id"]
+    conn.close()
+    with WriterLock(db, 5.0):  # a gateway writer's turn that outlasts erase's wait
+        busy = callgate("erase", "--call", voice_id, "--yes", "--wait", "0.5", "--db", db)
+    assert busy.returncode == 1 and "Traceback" not in busy.stderr
+    assert "nothing was erased" in busy.stderr
+    conn = connect(db)
+    row = conn.execute("SELECT from_number FROM calls_private WHERE voice_id = ?", (voice_id,))
+    assert row.fetchone()[0]
+    assert not conn.execute("SELECT 1 FROM events WHERE class = 'erasure'").fetchall()
+    conn.close()
+    done = callgate("erase", "--call", voice_id, "--yes", "--wait", "0.5", "--db", db)
+    assert done.returncode == 0, done.stderr
+    conn = connect(db)
+    row = conn.execute("SELECT from_number FROM calls_private WHERE voice_id = ?", (voice_id,))
+    assert row.fetchone()[0] is None
+    assert len(conn.execute("SELECT 1 FROM events WHERE class = 'erasure'").fetchall()) == 1
+    conn.close()
+
+
+def test_the_projector_refolds_what_an_erasure_event_names(tmp_path: Path) -> None:
+    """The audit event drives the re-fold too: should `erase` stop after logging it, the
+    projector following the log still takes the erased values out of the projections."""
+    from gateway.config import Config
+    from gateway.log import erasure
+
+    db = str(tmp_path / "callgate.db")
+    conn = open_log(db)
+    flow = flows()[0]
+    append_all(conn, flow.events)
+    projector.project_all(conn)
+    voice_id = flow.events[0]["voice_id"]
+    store = keystore.for_database(conn)
+    plan = erasure.plan_call(conn, store, Config(db_path=db, app_ids=(APP_ID,)), voice_id)
+    assert plan.calls == [voice_id]
+    erasure.destroy(conn, store, plan, "call")  # and no reproject
+    query = "SELECT from_number FROM calls_private WHERE voice_id = ?"
+    assert conn.execute(query, (voice_id,)).fetchone()[0]  # not re-folded yet
+    assert projector.project_all(conn) == 1  # the erasure event
+    assert conn.execute(query, (voice_id,)).fetchone()[0] is None
+    conn.close()
+
+
 def test_erase_of_one_call_and_by_retention(tmp_path: Path) -> None:
     db = str(tmp_path / "callgate.db")
     conn = open_log(db)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import click
@@ -24,6 +25,14 @@ from gateway.cli.options import check_keys, db_option
     help="Like --older-than $CALLGATE_RETENTION_DAYS (run it daily, e.g. from cron).",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the log's writers; if the log stays busy, nothing is erased.",
+)
 @db_option
 def erase(
     number: str | None,
@@ -31,6 +40,7 @@ def erase(
     older_than: float | None,
     retention: bool,
     yes: bool,
+    wait: float,
     db: str,
 ) -> None:
     """Destroy the data keys of every call involving NUMBER (or of one call): their
@@ -92,9 +102,19 @@ def erase(
     )
     if not yes:
         click.confirm(f"Destroy the keys of {summary}? This cannot be undone", abort=True)
-    seq = erasure.destroy(conn, store, plan, reason)
-    projector.reproject(conn, plan.calls, plan.broadcasts)
-    clean = erasure.scrub(conn)
+    try:
+        seq = erasure.destroy(conn, store, plan, reason, wait)
+    except erasure.ErasureFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        projector.reproject(conn, plan.calls, plan.broadcasts)
+        clean = erasure.scrub(conn)
+    except sqlite3.Error as exc:
+        raise click.ClickException(
+            f"erased {summary} (audit event seq {seq}), but re-folding their projections "
+            f"failed ({type(exc).__name__}: {exc}); `callgate project` re-folds them from "
+            "the audit event"
+        ) from None
     conn.close()
     click.echo(f"erased {summary}; audit event seq {seq}")
     if not clean:

@@ -21,8 +21,9 @@ from datetime import UTC, datetime, timedelta
 
 from gateway import db
 from gateway.config import Config
-from gateway.log import eventlog, sealing
+from gateway.log import eventlog, keystore, sealing
 from gateway.log.keystore import KeyStore
+from gateway.log.writer import WriterLock
 from gateway.wire import crypto
 from gateway.wire.schemas import format_utc
 
@@ -151,15 +152,28 @@ def plan_older_than(conn: sqlite3.Connection, store: KeyStore, days: float) -> P
     return _classify(conn, units, requests)
 
 
-def destroy(conn: sqlite3.Connection, store: KeyStore, plan: Plan, reason: str) -> int:
-    """Destroy the plan's keys, then log the erasure (no personal data); returns its seq.
+ERASURE_CLASS = "erasure"
+WAIT_SECONDS = 30.0  # for the log's writers: erase takes its turn among them
 
-    Keys go first: should the append fail, the data is erased all the same and only the
-    audit record is missing (re-running `erase` says so and records it)."""
+
+def destroy(
+    conn: sqlite3.Connection,
+    store: KeyStore,
+    plan: Plan,
+    reason: str,
+    wait: float = WAIT_SECONDS,
+) -> int:
+    """Destroy the plan's keys and log the erasure (no personal data); returns its seq.
+
+    The log's write lock comes first, taken in turn with the gateway's writers: when it
+    cannot be had within `wait`, nothing is destroyed (sqlite3.OperationalError). Holding
+    it, the keys go, then the audit event commits, so a busy log can no longer leave keys
+    destroyed with no record; the projector re-folds the calls an erasure event names
+    (analytics.projector), so their projections lose the values even if the caller's own
+    re-fold never runs. Scrubbing (VACUUM, WAL truncated) happens after, unlocked."""
     at = db.utc_now()
-    store.destroy(plan.units, reason, at)
     audit = {
-        "class": "erasure",
+        "class": ERASURE_CLASS,
         "state": "keys_destroyed",
         "occurred_at": at,
         "reason": reason,
@@ -169,9 +183,45 @@ def destroy(conn: sqlite3.Connection, store: KeyStore, plan: Plan, reason: str) 
         "keys": len(plan.units),
     }
     item = eventlog.NewEvent(audit, eventlog.canonical_json(audit), audit, "callgate", at)
-    seq = eventlog.append(conn, item, store).seq
-    _forget_responses(conn, plan.calls)
+    lock = WriterLock(keystore.database_file(conn) or ":memory:", wait)
+    destroyed = False
+    try:
+        with lock, db.transaction(conn):
+            store.destroy(plan.units, reason, at)
+            destroyed = True
+            seq = eventlog.append(conn, item, store).seq
+            _forget_responses(conn, plan.calls)
+    except sqlite3.Error as exc:
+        raise ErasureFailed(destroyed, type(exc).__name__, str(exc)) from None
+    finally:
+        lock.close()
+    store.scrub()
     return seq
+
+
+class ErasureFailed(RuntimeError):
+    """The log could not be written: before the keys went (`destroyed` False: nothing
+    happened, run again) or, rarely, after (the audit event is missing)."""
+
+    def __init__(self, destroyed: bool, kind: str, detail: str) -> None:
+        self.destroyed = destroyed
+        if destroyed:
+            message = (
+                f"the keys were destroyed, but the log could not record it ({kind}: {detail}); "
+                "the erased values are unreadable, the audit event is missing"
+            )
+        else:
+            message = f"nothing was erased: the log could not be written ({kind}: {detail})"
+        super().__init__(message)
+
+
+def erased_units(payload: dict[str, object]) -> tuple[list[str], list[str]]:
+    """(calls, broadcasts) an erasure event names: what the projector re-folds."""
+    calls, broadcasts = payload.get("calls"), payload.get("broadcasts")
+    return (
+        [c for c in calls if isinstance(c, str)] if isinstance(calls, list) else [],
+        [b for b in broadcasts if isinstance(b, str)] if isinstance(broadcasts, list) else [],
+    )
 
 
 def _forget_responses(conn: sqlite3.Connection, voice_ids: list[str]) -> None:

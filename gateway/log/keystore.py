@@ -332,7 +332,8 @@ class KeyStore:
         return [row[0] for row in rows]
 
     def destroy(self, units: Iterable[str], reason: str, at: str) -> int:
-        """Delete these keys and their number tags for good (zeroed pages, WAL truncated).
+        """Delete these keys and their number tags (secure_delete zeroes their pages; call
+        `scrub` afterwards to empty the WAL and free pages too).
 
         The units are remembered as shredded, so a late redelivery of the call does not
         mint a new key and store its personal fields again."""
@@ -362,7 +363,6 @@ class KeyStore:
             self._tags = {t for t in self._tags if t[1] not in gone}
             self.epoch = self._epoch()
             self._data_version = self._version()
-        self.scrub()
         return len(todo)
 
     def scrub(self) -> None:
