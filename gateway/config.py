@@ -163,6 +163,20 @@ class Config:
         """The NATS servers of `log`, or () for the embedded SQLite log."""
         return parse_log_url(self.log)
 
+    @property
+    def open_endpoint_problem(self) -> str | None:
+        """Why anyone who can reach the port could add events, or None. Ciphertext proves
+        the sender knows the app id; a plaintext delivery proves nothing unless it came
+        by the secret path."""
+        if self.allow_plaintext and not self.webhook_token:
+            return (
+                "plaintext deliveries are accepted (CALLGATE_ALLOW_PLAINTEXT) and there is "
+                "no secret path (CALLGATE_WEBHOOK_TOKEN): anyone who can reach this port can "
+                "add events. Set CALLGATE_WEBHOOK_TOKEN (EnableX's event_url then ends in "
+                "/webhooks/enablex/<token>) or CALLGATE_ALLOW_PLAINTEXT=off"
+            )
+        return None
+
     def ensure_db_dir(self) -> None:
         parent = Path(self.db_path).parent
         parent.mkdir(parents=True, exist_ok=True)

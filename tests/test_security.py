@@ -149,3 +149,18 @@ def test_database_and_metadata_files_are_created_private(tmp_path: Path, umask_0
     # Rewriting keeps the mode, even over a file someone made world-readable.
     os.chmod(metadata, 0o644)
     assert mode(write_metadata(db, token_configured=False)) == 0o640
+
+
+def test_serve_warns_when_anyone_can_add_events(tmp_path: Path) -> None:
+    """The default (plaintext on, no secret path) lets anyone who reaches the port write
+    call history; `serve` (and so `up`) says so at start, and not once a token is set."""
+    from tests.conftest import RunningServer, server_env
+
+    for extra, warned in (({}, True), ({"CALLGATE_WEBHOOK_TOKEN": "t0ken-path"}, False),
+                          ({"CALLGATE_ALLOW_PLAINTEXT": "off"}, False)):
+        db = str(tmp_path / f"open-{len(extra)}-{warned}.db")
+        running = RunningServer(db, server_env(**extra), workers=1).start()
+        running.stop()
+        log = running.log_path.read_text()
+        assert ("anyone who can reach this port can add events" in log) is warned, log[:500]
+        assert "t0ken-path" not in log

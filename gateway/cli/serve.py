@@ -67,6 +67,8 @@ def serve(
     acknowledged the event, and `callgate archive` fills the SQLite log.
     """
     config = log_config(db, log)
+    if config.open_endpoint_problem:
+        click.echo(f"callgate serve: warning: {config.open_endpoint_problem}", err=True)
     if config.nats_servers:
         _check_stream(config)
     else:
