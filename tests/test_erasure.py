@@ -290,6 +290,38 @@ def test_the_projector_refolds_what_an_erasure_event_names(tmp_path: Path) -> No
     conn.close()
 
 
+def test_erasing_a_call_of_a_broadcast_reaches_the_summary_that_lists_it(
+    tmp_path: Path,
+) -> None:
+    """A broadcast summary lists each call's number beside its voice_id, sealed with the
+    broadcast's key: `erase --call` left that number readable in the log and in
+    broadcasts_private. Now the summary's key goes too (all its numbers, as with
+    `erase --number`)."""
+    db = str(tmp_path / "callgate.db")
+    conn = open_log(db)
+    flow = next(f for f in flows() if f.name.startswith("16_") or "callinfo" in f.name)
+    append_all(conn, flow.events)
+    projector.project_all(conn)
+    summary = next(e for e in flow.events if "broadcast_call_info" in e)
+    voice_id, called = summary["broadcast_call_info"][0]["voice_id"], summary[
+        "broadcast_call_info"][0]["to"]
+    conn.close()
+    result = callgate("erase", "--call", voice_id, "--yes", "--db", db)
+    assert result.returncode == 0, result.stderr
+    assert "1 call(s), 1 broadcast(s)" in result.stdout, result.stdout
+    cached = connect(db)
+    keystore.forget(cached)
+    cached.close()
+    assert not [text for text in opened_texts(db) if called in text]
+    conn = connect(db)
+    unseal = sealing.Opener(keystore.for_database(conn))
+    for (payload,) in conn.execute("SELECT payload FROM events WHERE class = 'broadcast'"):
+        assert called not in json.dumps(unseal.event(payload))
+    private = json.dumps([list(r) for r in conn.execute("SELECT * FROM broadcasts_private")])
+    assert called not in private
+    conn.close()
+
+
 def test_erase_of_one_call_and_by_retention(tmp_path: Path) -> None:
     db = str(tmp_path / "callgate.db")
     conn = open_log(db)

@@ -132,16 +132,37 @@ def _mentions_number(text: str, digits: str) -> bool:
 
 
 def plan_call(conn: sqlite3.Connection, store: KeyStore, config: Config, voice_id: str) -> Plan:
-    """One call's unit (if its key still exists) and the refused requests naming it."""
+    """One call's unit (if its key still exists), the broadcasts whose summary lists the
+    call (sealed with the broadcast's key, so all of its numbers go), and the refused
+    requests naming it."""
     units: set[str] = set()
     if store.cipher(voice_id) is not None:
         units.add(voice_id)
+    units.update(b for b in _broadcasts_listing(conn, voice_id) if store.cipher(b) is not None)
     requests = 0
     for unit, texts in _rejection_texts(conn, sealing.Opener(store), config):
         if any(voice_id in text for text in texts):
             units.add(unit)
             requests += 1
     return _classify(conn, units, requests)
+
+
+def _broadcasts_listing(conn: sqlite3.Connection, voice_id: str) -> set[str]:
+    """Broadcasts whose summary's broadcast_call_info names this call (its voice_id is not
+    sealed: only the numbers beside it are)."""
+    found = set()
+    rows = conn.execute(
+        "SELECT broadcast_id, payload FROM events WHERE voice_id IS NULL "
+        "AND broadcast_id IS NOT NULL AND instr(payload, ?) > 0",
+        (voice_id,),
+    )
+    for broadcast_id, payload in rows:
+        items = json.loads(payload).get("broadcast_call_info")
+        if isinstance(items, list) and any(
+            isinstance(item, dict) and item.get("voice_id") == voice_id for item in items
+        ):
+            found.add(broadcast_id)
+    return found
 
 
 def plan_older_than(conn: sqlite3.Connection, store: KeyStore, days: float) -> Plan:
