@@ -355,3 +355,20 @@ def test_the_access_log_keeps_no_query_string(ds: Datasette, secrets: Secrets) -
     assert not secrets.pattern().search(text.lower()), secrets.pattern().search(text.lower())
     assert "?sql=" not in text and "number=" not in text
     assert f"/{ds.name}/find_calls.json?…" in text
+
+
+def test_odd_requests_get_a_4xx_not_a_500(ds: Datasette) -> None:
+    """Found by an anonymous crawl: each of these made Datasette answer 500."""
+    probes = [
+        ("GET", f"/{ds.name}/calls.json?_sort=no_such_column", {}),
+        ("GET", f"/{ds.name}/calls?_sort_desc=no_such_column", {}),
+        ("GET", f"/{ds.name}/plays/a", {}),
+        ("GET", f"/{ds.name}/plays/a.json", {}),
+        ("POST", f"/{ds.name}/call_timeline", {"voice_id": "x"}),
+    ]
+    failed = []
+    for method, path, form in probes:
+        response = httpx.request(method, ds.url + path, data=form or None, timeout=10)
+        if response.status_code >= 500:
+            failed.append((method, path, response.status_code, response.text[:200]))
+    assert not failed, failed

@@ -10,6 +10,12 @@
 - A path with a backslash or starting with ``//`` (``/\\evil.com/``) made Datasette's
   trailing-slash redirect point at another site (an open redirect): such paths
   are answered 404.
+- Datasette raises its ``DatasetteError`` for requests it cannot serve (``_sort`` by a
+  column that does not exist, ``_sort`` with ``_sort_desc``) and answers it 500 unless
+  told otherwise: those are the client's errors, answered 400; a row page of a view
+  (``/callgate/plays/a``) was a 500 from SQLite's binding check, now a 404.
+- A POST to a (read-only) canned query failed inside Datasette (500). Nothing outside
+  ``/-/`` takes anything but GET, HEAD or OPTIONS: 405.
 - The access log (uvicorn's, on stdout) wrote every request's query string, so an
   operator's ``find_calls?number=…`` put a caller's number in the log. It keeps
   the path only, and says ``?…`` where a query string was.
@@ -22,11 +28,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import datasette.handle_exception as default_handler
 from datasette import hookimpl
 from datasette.utils.asgi import Response
+from datasette.views.base import DatasetteError
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 _HIDDEN_DATABASE_KEYS = frozenset({"path"})
@@ -37,6 +46,10 @@ BAD_AUTHORIZATION = {
 
 
 NOT_FOUND = {"error": "not_found", "detail": "no such page"}
+READ_ONLY = {"error": "method_not_allowed", "detail": "this page is read-only: use GET"}
+# callgate's Datasette only reads (no writable canned queries; 0.65 has no write API).
+# Its own forms (/-/logout, /-/messages, /-/permissions) post to /-/ paths.
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ASCII_ONLY_HEADERS = (b"authorization", b"cookie")
 
 
@@ -98,6 +111,11 @@ def asgi_wrapper(datasette: Any) -> Callable[[ASGIApp], ASGIApp]:
                 if _redirectable_elsewhere(scope):
                     await _send_json(send, 404, NOT_FOUND)
                     return
+                if scope.get("method") not in _READ_METHODS and not (
+                    scope.get("path") or ""
+                ).startswith("/-/"):
+                    await _send_json(send, 405, READ_ONLY)
+                    return
             await app(scope, receive, send)
 
         return guarded
@@ -118,3 +136,19 @@ async def _databases(datasette: Any) -> Response:
 def register_routes() -> list[tuple[str, Any]]:
     # Plugin routes are matched before Datasette's own, so this one wins.
     return [(r"^/-/databases(\.(?P<format>json))?$", _databases)]
+
+
+@hookimpl
+def handle_exception(datasette: Any, request: Any, exception: Exception) -> Any:
+    """Answer requests Datasette cannot serve as the client's errors, rendered by
+    Datasette's own handler (HTML or JSON as asked): its `DatasetteError`s as 400, and a
+    row page of a view (no primary key: SQLite refuses the URL's value as a binding) as
+    404, where both were 500s."""
+    if isinstance(exception, DatasetteError) and exception.status == 500:
+        exception.status = 400
+        return None
+    if isinstance(exception, sqlite3.ProgrammingError):
+        return default_handler.handle_exception(
+            datasette, request, DatasetteError("No such page", status=404)
+        )
+    return None
