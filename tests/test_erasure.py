@@ -267,6 +267,25 @@ def test_a_busy_log_erases_nothing_and_says_so_then_erase_completes(tmp_path: Pa
     conn.close()
 
 
+def test_erase_warns_when_the_key_stores_wal_could_not_be_emptied(tmp_path: Path) -> None:
+    """The key store's truncating checkpoint was fire-and-forget: with a reader holding the
+    WAL, copies of the destroyed keys stayed in it without a word."""
+    db = str(tmp_path / "callgate.db")
+    conn = open_log(db)
+    flow = flows()[0]
+    append_all(conn, flow.events)
+    voice_id = flow.events[0]["voice_id"]
+    conn.close()
+    reader = sqlite3.connect(str(tmp_path / "callgate-keys.db"), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM data_keys").fetchone()  # a snapshot: WAL pinned
+    result = callgate("erase", "--call", voice_id, "--yes", "--wait", "0.5", "--db", db)
+    reader.execute("COMMIT")
+    reader.close()
+    assert result.returncode == 0, result.stderr
+    assert "key store's WAL" in result.stderr and "callgate-keys.db-wal" in result.stderr
+
+
 def test_the_projector_refolds_what_an_erasure_event_names(tmp_path: Path) -> None:
     """The audit event drives the re-fold too: should `erase` stop after logging it, the
     projector following the log still takes the erased values out of the projections."""

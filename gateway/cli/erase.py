@@ -31,7 +31,8 @@ from gateway.cli.options import check_keys, db_option
     default=30.0,
     show_default=True,
     metavar="SECONDS",
-    help="How long to wait for the log's writers; if the log stays busy, nothing is erased.",
+    help="How long to wait for the log's writers (if the log stays busy, nothing is "
+    "erased), then for readers to let the WALs be emptied.",
 )
 @db_option
 def erase(
@@ -108,15 +109,30 @@ def erase(
         raise click.ClickException(str(exc)) from None
     try:
         projector.reproject(conn, plan.calls, plan.broadcasts)
-        clean = erasure.scrub(conn)
     except sqlite3.Error as exc:
         raise click.ClickException(
             f"erased {summary} (audit event seq {seq}), but re-folding their projections "
             f"failed ({type(exc).__name__}: {exc}); `callgate project` re-folds them from "
             "the audit event"
         ) from None
+    try:
+        clean = erasure.scrub(conn, wait)
+        keys_clean = erasure.scrub(store.conn, wait)
+    except sqlite3.Error as exc:
+        raise click.ClickException(
+            f"erased {summary} (audit event seq {seq}): the values are unreadable, but "
+            f"scrubbing the files failed ({type(exc).__name__}: {exc}), so their old bytes "
+            "may stay in free pages and the WAL until the files are VACUUMed"
+        ) from None
     conn.close()
     click.echo(f"erased {summary}; audit event seq {seq}")
+    if not keys_clean:
+        click.echo(
+            "warning: readers kept the key store's WAL from being truncated: copies of the "
+            f"destroyed keys stay in {store.path}-wal until every process using the key "
+            "store (gateway, projector, forwarder) has stopped, when SQLite removes it",
+            err=True,
+        )
     if not clean:
         click.echo(
             "warning: readers kept the WAL from being truncated: erased values stay in "

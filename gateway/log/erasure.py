@@ -191,7 +191,7 @@ def destroy(
     it, the keys go, then the audit event commits, so a busy log can no longer leave keys
     destroyed with no record; the projector re-folds the calls an erasure event names
     (analytics.projector), so their projections lose the values even if the caller's own
-    re-fold never runs. Scrubbing (VACUUM, WAL truncated) happens after, unlocked."""
+    re-fold never runs. Then `scrub` both files (the log's and `store.conn`), unlocked."""
     at = db.utc_now()
     audit = {
         "class": ERASURE_CLASS,
@@ -216,7 +216,6 @@ def destroy(
         raise ErasureFailed(destroyed, type(exc).__name__, str(exc)) from None
     finally:
         lock.close()
-    store.scrub()
     return seq
 
 
@@ -262,13 +261,14 @@ def _forget_responses(conn: sqlite3.Connection, voice_ids: list[str]) -> None:
             raise
 
 
-def scrub(conn: sqlite3.Connection) -> bool:
-    """Overwrite freed pages of the main database and empty its WAL: the projections'
-    earlier versions of an erased call's rows must not linger in free space.
+def scrub(conn: sqlite3.Connection, wait: float = SCRUB_WAIT_SECONDS) -> bool:
+    """Overwrite freed pages of a database and empty its WAL: the projections' earlier
+    versions of an erased call's rows (the log's file), the destroyed keys (the key
+    store's) must not linger in free space or the WAL.
     Returns False when readers kept the WAL from being truncated (run again later)."""
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute("VACUUM")
-    deadline = time.monotonic() + SCRUB_WAIT_SECONDS
+    deadline = time.monotonic() + wait
     while True:
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if not busy or time.monotonic() > deadline:

@@ -332,8 +332,8 @@ class KeyStore:
         return [row[0] for row in rows]
 
     def destroy(self, units: Iterable[str], reason: str, at: str) -> int:
-        """Delete these keys and their number tags (secure_delete zeroes their pages; call
-        `scrub` afterwards to empty the WAL and free pages too).
+        """Delete these keys and their number tags (secure_delete zeroes their pages;
+        `erasure.scrub` of `conn` afterwards empties the WAL and the free pages too).
 
         The units are remembered as shredded, so a late redelivery of the call does not
         mint a new key and store its personal fields again."""
@@ -365,12 +365,6 @@ class KeyStore:
             self._data_version = self._version()
         return len(todo)
 
-    def scrub(self) -> None:
-        """Leave no copy of a destroyed key in the file or its WAL."""
-        with self._lock:
-            self.conn.execute("VACUUM")
-            if self.path != ":memory:":
-                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 # -- one store per database and process ---------------------------------------------
