@@ -224,10 +224,13 @@ def test_erase_by_number_reaches_refused_requests_that_wrote_it_formatted(
         assert refused.status_code == 422
     other = client.post("/webhooks/enablex", json={"state": "ringing", "from": "+91 98200 12346"})
     assert other.status_code == 422
+    noted = client.post("/webhooks/enablex", json={"state": "ringing",
+                                                  "note": "+91 98200-12345 (2) - 10:30"})
+    assert noted.status_code == 422  # more digit groups after the number
     app.extensions["callgate_writer"].close()
     result = callgate("erase", "--number", TYPED, "--yes", "--db", db)
     assert result.returncode == 0, result.stderr
-    assert "3 call(s)" in result.stdout and "3 refused request(s)" in result.stdout
+    assert "3 call(s)" in result.stdout and "4 refused request(s)" in result.stdout
     cached = connect(db)
     keystore.forget(cached)  # this process's keys were cached before the erasure
     cached.close()

@@ -441,7 +441,7 @@ def _raw_post(url: str, head: str, body: bytes) -> bytes:
     return answer
 
 
-def test_broken_chunked_framing_is_answered_400_and_kept(server: Any, db_path: str) -> None:
+def test_broken_or_cut_bodies_are_answered_400_and_kept(server: Any, db_path: str) -> None:
     """Before, gunicorn's InvalidChunkSize escaped the body read: 503 "internal", nothing
     kept. Now what gunicorn handed over before the error (here nothing: it fails the whole
     read) is judged like any body, and the request is kept with its headers."""
@@ -459,16 +459,32 @@ def test_broken_chunked_framing_is_answered_400_and_kept(server: Any, db_path: s
         status_line = answer.split(b"\r\n", 1)[0]
         assert b" 400 " in status_line, (name, answer[:300])
         assert b'"error":"bad_body"' in answer, (name, answer[-300:])
+    # A declared length the client never sends: it closes its side half-way.
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        head = (f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "x-algoritm: aes-256-cbc\r\nx-format: hex\r\nx-encoding: utf8\r\n"
+                f"Content-Length: {len(good.body)}\r\n\r\n")
+        sock.sendall(head.encode() + good.body[:half])
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert b" 400 " in answer.split(b"\r\n", 1)[0], answer[:300]
     with sqlite3.connect(db_path) as conn:
         kept = conn.execute("SELECT error, body_size FROM rejections ORDER BY id").fetchall()
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
-    assert kept == [("bad_body", 0), ("bad_body", 0)]
+    assert kept == [("bad_body", 0), ("bad_body", 0), ("bad_body", half)]
 
 
 BIG = "1" + "0" * 400
 # Valid JSON the log could not write back (orjson writes 64-bit integers and 255 levels at
-# most): before the parser refused them, each was accepted, then failed while being sealed
-# and answered 503 with nothing kept, and took the valid events of its batch down with it.
+# most, SQLite signed 64-bit integers): before the parser refused them, each was accepted,
+# then failed while being sealed (503, nothing kept, the valid events of its batch with it)
+# or, past 2**63 - 1, stopped the projector for good.
 UNSTORABLE = {
     "timestamp": '{"voice_id": "u1", "state": "connected", "timestamp": ' + BIG + "}",
     "negative timestamp": '{"voice_id": "u2", "state": "connected", "timestamp": -' + BIG + "}",
@@ -477,6 +493,8 @@ UNSTORABLE = {
     + BIG + "}",
     "failed_calls": '{"broadcast_id": "u5", "state": "broadcastcomplete", '
     '"resultSet": {"failed_calls": ' + BIG + "}}",
+    "an integer SQLite cannot hold": '{"voice_id": "u8", "state": "disconnected", '
+    '"recording_duration": 9223372036854775808}',
     "a number past 64 bits": '{"broadcast_id": "u6", "state": "broadcastcomplete", '
     '"broadcast_call_info": [{"voice_id": "x", "to": 100000000000000000000000}]}',
     "nested 300 deep": '{"broadcast_id": "u7", "state": "broadcastcomplete", '
@@ -521,6 +539,12 @@ def test_json_the_log_cannot_store_back_is_refused_and_kept_beside_valid_events(
     details = {detail for _, detail in kept}
     assert any("integer beyond 64 bits" in d for d in details), details
     assert any("deeper than" in d for d in details), details
+    from analytics import projector
+    from gateway.db import connect
+
+    conn = connect(db_path)
+    assert projector.project_all(conn) == 40  # every logged event can be projected
+    conn.close()
 
 
 def _oracle_probes() -> dict[str, tuple[str, bytes]]:

@@ -331,7 +331,7 @@ def test_no_path_redirects_to_another_site(ds: Datasette) -> None:
     browser reads as //evil.com: an open redirect on the public port."""
     import socket
 
-    for path in ("/\\evil.com/", "//evil.com/", "/%5Cevil.com/"):
+    for path in ("/\\evil.com/", "//evil.com/", "/%5Cevil.com/", "http://evil.com/a/"):
         with socket.create_connection(("127.0.0.1", ds.port), timeout=10) as sock:
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             answer = b""

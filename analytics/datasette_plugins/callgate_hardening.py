@@ -61,9 +61,11 @@ def _non_ascii_credentials(scope: dict[str, Any]) -> bool:
 
 
 def _redirectable_elsewhere(scope: dict[str, Any]) -> bool:
-    """A path Datasette's trailing-slash redirect would turn into another site's URL."""
+    """A path Datasette's trailing-slash redirect would turn into another site's URL,
+    including an absolute-form request target (`GET http://evil.com/a/`) a proxy passed on."""
     path = scope.get("path") or ""
-    return "\\" in path or path.startswith("//")
+    raw = scope.get("raw_path") or b"/"
+    return "\\" in path or path.startswith("//") or not raw.startswith(b"/")
 
 
 class QueryStringRedactor(logging.Filter):

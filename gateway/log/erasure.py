@@ -122,13 +122,20 @@ def plan_number(conn: sqlite3.Connection, store: KeyStore, config: Config, numbe
 
 
 def _mentions_number(text: str, digits: str) -> bool:
-    """Whether a stored request carries this number: as a run of digits of its own, or
-    written with separators (`+91 80684-75012`), as events are matched by their digits."""
-    if digits in _DIGIT_RUNS.findall(text):
-        return True
-    return any(
-        sealing.digits_of(written) == digits for written in _WRITTEN_NUMBERS.findall(text)
-    )
+    """Whether a stored request carries this number, as events are matched: by its digits,
+    written as a run of its own or in groups with separators (`+91 80684-75012`), also
+    when more groups follow or precede it (`+91 80684-75012 (2)`, `call 1: +91 …`)."""
+    for written in _WRITTEN_NUMBERS.findall(text):
+        groups = _DIGIT_RUNS.findall(written)
+        for start in range(len(groups)):
+            joined = ""
+            for group in groups[start:]:
+                joined += group
+                if len(joined) >= len(digits):
+                    break
+            if joined == digits:
+                return True
+    return False
 
 
 def plan_call(conn: sqlite3.Connection, store: KeyStore, config: Config, voice_id: str) -> Plan:
@@ -187,7 +194,7 @@ def destroy(
     """Destroy the plan's keys and log the erasure (no personal data); returns its seq.
 
     The log's write lock comes first, taken in turn with the gateway's writers: when it
-    cannot be had within `wait`, nothing is destroyed (sqlite3.OperationalError). Holding
+    cannot be had within `wait`, nothing is destroyed (`ErasureFailed`). Holding
     it, the keys go, then the audit event commits, so a busy log can no longer leave keys
     destroyed with no record; the projector re-folds the calls an erasure event names
     (analytics.projector), so their projections lose the values even if the caller's own

@@ -384,7 +384,7 @@ def decode_plaintext(data: bytes, encoding: str) -> str:
 # Deeper than this is no EnableX event (theirs nest three levels), and orjson, which
 # stores and re-reads every event, refuses to write more than 255 levels.
 MAX_JSON_DEPTH = 64
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson can write back
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what SQLite (and orjson) can store
 
 
 class _Unstorable(ValueError):
@@ -406,8 +406,9 @@ def _finite_float(text: str) -> float:
 
 
 def _int64(text: str) -> int:
-    """parse_int hook: refuse integers beyond 64 bits, which orjson cannot write (the event
-    would be accepted, then fail to be sealed or projected)."""
+    """parse_int hook: refuse integers beyond a signed 64-bit one: orjson cannot write those
+    past 64 bits and SQLite none past 63, so the event would be accepted, then fail to be
+    sealed or projected."""
     value = int(text)
     if not _INT_MIN <= value <= _INT_MAX:
         raise _Unstorable("integer beyond 64 bits")
@@ -451,7 +452,7 @@ def parse_strict_json(text: str) -> object:
     """Parse like JavaScript's JSON.parse: no BOM, NaN, Infinity or trailing data.
 
     Also refused: what could not be stored back as valid UTF-8 JSON: numbers overflowing
-    to infinity, integers beyond 64 bits, escaped lone surrogates, and nesting deeper than
+    to infinity, integers beyond signed 64 bits, escaped lone surrogates, nesting deeper than
     MAX_JSON_DEPTH.
     """
     try:
