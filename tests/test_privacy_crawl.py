@@ -19,6 +19,7 @@ import html
 import json
 import re
 import sqlite3
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -258,6 +259,10 @@ def test_anonymous_crawl_finds_nothing_secret_or_personal(
         if (found := findings(text, pattern, hidden))
     }
     assert not leaks, leaks
+    # Nor where the server is installed (/-/threads showed the interpreter's path).
+    installed = {sys.prefix, sys.base_prefix}
+    assert not [url for url, (_, text) in anonymous.pages.items()
+                if any(path in text for path in installed)]
     # The crawl really covered the data: every public table, view and query answered.
     name = ds.name
     for table in ("calls", "plays", "recordings", "dtmf", "speech", "broadcasts", "timeline"):

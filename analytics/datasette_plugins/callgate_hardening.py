@@ -16,6 +16,7 @@
   (``/callgate/plays/a``) was a 500 from SQLite's binding check, now a 404.
 - A POST to a (read-only) canned query failed inside Datasette (500). Nothing outside
   ``/-/`` takes anything but GET, HEAD or OPTIONS: 405.
+- ``/-/threads`` (a thread dump naming the interpreter's install path) is 404.
 - The access log (uvicorn's, on stdout) wrote every request's query string, so an
   operator's ``find_calls?number=…`` put a caller's number in the log. It keeps
   the path only, and says ``?…`` where a query string was.
@@ -50,6 +51,8 @@ READ_ONLY = {"error": "method_not_allowed", "detail": "this page is read-only: u
 # callgate's Datasette only reads (no writable canned queries; 0.65 has no write API).
 # Its own forms (/-/logout, /-/messages, /-/permissions) post to /-/ paths.
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Datasette's thread dump names the interpreter's install path, for anyone.
+_DEBUG_PAGES = frozenset({"/-/threads", "/-/threads.json"})
 _ASCII_ONLY_HEADERS = (b"authorization", b"cookie")
 
 
@@ -110,7 +113,7 @@ def asgi_wrapper(datasette: Any) -> Callable[[ASGIApp], ASGIApp]:
                 if _non_ascii_credentials(scope):
                     await _send_json(send, 400, BAD_AUTHORIZATION)
                     return
-                if _redirectable_elsewhere(scope):
+                if _redirectable_elsewhere(scope) or scope.get("path") in _DEBUG_PAGES:
                     await _send_json(send, 404, NOT_FOUND)
                     return
                 if scope.get("method") not in _READ_METHODS and not (
