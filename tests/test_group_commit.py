@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
 
+import pytest
+
 from gateway.db import connect, utc_now
 from gateway.log import eventlog
 from gateway.log import writer as writer_module
@@ -145,6 +147,26 @@ def test_admitted_requests_are_counted_out_again_on_a_fresh_writer(db_path) -> N
         assert writer._waiting == 0
         writer.close()
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 16
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root creates files for another user")
+def test_lock_files_made_by_root_belong_to_the_databases_owner(db_path) -> None:
+    """`callgate erase` from root's cron made the writers' lock files root's (0600), and a
+    gateway running as the database's owner then fell back to SQLite's locking."""
+    conn = connect(db_path)
+    eventlog.ensure_schema(conn)
+    conn.close()
+    os.chown(db_path, 65534, 65534)
+    lock = WriterLock(db_path, 1.0)
+    with lock:
+        pass
+    lock.close()
+    writer = BatchWriter(db_path)
+    writer.submit(lambda c: new_event(1))
+    writer.close()
+    for suffix in ("-writer.lock", "-writer.gate", "-checkpointer.lock"):
+        info = os.stat(db_path + suffix)
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65534, 65534, 0o600), suffix
 
 
 def test_a_failed_commit_fails_every_waiter_and_the_writer_recovers(db_path) -> None:

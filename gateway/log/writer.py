@@ -81,8 +81,8 @@ class WriterLock:
         self._gate_fd: int | None = None
         if db_path != ":memory:":
             try:
-                self._lock_fd = os.open(db_path + "-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
-                self._gate_fd = os.open(db_path + "-writer.gate", os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock_fd = open_lock_file(db_path, "-writer.lock")
+                self._gate_fd = open_lock_file(db_path, "-writer.gate")
             except OSError:
                 self.close()
 
@@ -106,6 +106,24 @@ class WriterLock:
             if fd is not None:
                 os.close(fd)
         self._lock_fd = self._gate_fd = None
+
+
+def open_lock_file(db_path: str, suffix: str) -> int:
+    """Open (creating it 0600) a lock file beside the database, owned like the database.
+
+    A command run as root (`callgate erase` from root's cron) would otherwise create it
+    root's, and a gateway running as the database's owner could not open it and would
+    fall back to SQLite's slower locking. SQLite hands its own -wal and -shm files to the
+    database's owner the same way."""
+    fd = os.open(db_path + suffix, os.O_RDWR | os.O_CREAT, 0o600)
+    if os.geteuid() == 0:
+        try:
+            owner = os.stat(db_path)
+            if os.fstat(fd).st_uid != owner.st_uid:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass  # no database file yet: its creator owns both
+    return fd
 
 
 def _flock_until(fd: int, deadline: float) -> None:
@@ -159,9 +177,7 @@ class Checkpointer(threading.Thread):
         conn: sqlite3.Connection | None = None
         lock = WriterLock(self.db_path, self.timeout)
         try:
-            lead_fd: int | None = os.open(
-                self.db_path + "-checkpointer.lock", os.O_RDWR | os.O_CREAT, 0o600
-            )
+            lead_fd: int | None = open_lock_file(self.db_path, "-checkpointer.lock")
         except OSError:
             lead_fd = None
         while not self._stopped.wait(self.seconds):
