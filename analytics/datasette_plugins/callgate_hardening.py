@@ -12,8 +12,8 @@
   are answered 404.
 - Datasette raises its ``DatasetteError`` for requests it cannot serve (``_sort`` by a
   column that does not exist, ``_sort`` with ``_sort_desc``) and answers it 500 unless
-  told otherwise: those are the client's errors, answered 400; a row page of a view
-  (``/callgate/plays/a``) was a 500 from SQLite's binding check, now a 404.
+  told otherwise: those are the client's errors, answered 400; a row page with too few
+  key values (``/callgate/plays/a``) was a 500 from SQLite's binding check, now a 404.
 - A POST to a (read-only) canned query failed inside Datasette (500). Nothing outside
   ``/-/`` takes anything but GET, HEAD or OPTIONS: 405.
 - ``/-/threads`` (a thread dump naming the interpreter's install path) is 404.
@@ -90,7 +90,9 @@ if not any(isinstance(f, QueryStringRedactor) for f in _ACCESS_LOG.filters):
     _ACCESS_LOG.addFilter(QueryStringRedactor())
 
 
-async def _send_json(send: Any, status: int, document: dict[str, str]) -> None:
+async def _send_json(
+    send: Any, status: int, document: dict[str, str], *extra: tuple[bytes, bytes]
+) -> None:
     body = json.dumps(document).encode()
     await send(
         {
@@ -99,6 +101,7 @@ async def _send_json(send: Any, status: int, document: dict[str, str]) -> None:
             "headers": [
                 (b"content-type", b"application/json; charset=utf-8"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         }
     )
@@ -119,7 +122,7 @@ def asgi_wrapper(datasette: Any) -> Callable[[ASGIApp], ASGIApp]:
                 if scope.get("method") not in _READ_METHODS and not (
                     scope.get("path") or ""
                 ).startswith("/-/"):
-                    await _send_json(send, 405, READ_ONLY)
+                    await _send_json(send, 405, READ_ONLY, (b"allow", b"GET, HEAD, OPTIONS"))
                     return
             await app(scope, receive, send)
 
@@ -147,12 +150,16 @@ def register_routes() -> list[tuple[str, Any]]:
 def handle_exception(datasette: Any, request: Any, exception: Exception) -> Any:
     """Answer requests Datasette cannot serve as the client's errors, rendered by
     Datasette's own handler (HTML or JSON as asked): its `DatasetteError`s as 400, and a
-    row page of a view (no primary key: SQLite refuses the URL's value as a binding) as
-    404, where both were 500s."""
+    row page whose URL names fewer key values than the table has key columns (SQLite
+    refuses the missing binding) as 404, where both were 500s. Other errors stay 500."""
     if isinstance(exception, DatasetteError) and exception.status == 500:
         exception.status = 400
         return None
-    if isinstance(exception, sqlite3.ProgrammingError):
+    if (
+        isinstance(exception, sqlite3.ProgrammingError)
+        and "pks" in (getattr(request, "url_vars", None) or {})
+        and "binding" in str(exception)
+    ):
         return default_handler.handle_exception(
             datasette, request, DatasetteError("No such page", status=404)
         )

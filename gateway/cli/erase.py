@@ -32,7 +32,7 @@ from gateway.cli.options import check_keys, db_option
     show_default=True,
     metavar="SECONDS",
     help="How long to wait for the log's writers (if the log stays busy, nothing is "
-    "erased), then for readers to let the WALs be emptied.",
+    "erased); then for readers to let each WAL be emptied, 10 s at most.",
 )
 @db_option
 def erase(
@@ -107,6 +107,17 @@ def erase(
         seq = erasure.destroy(conn, store, plan, reason, wait)
     except erasure.ErasureFailed as exc:
         raise click.ClickException(str(exc)) from None
+    # The key store first: the keys' old bytes must go even if a later step fails, and a
+    # second run would find nothing to erase.
+    scrub_wait = min(wait, erasure.SCRUB_WAIT_SECONDS)
+    try:
+        keys_clean = erasure.scrub(store.conn, scrub_wait)
+    except sqlite3.Error as exc:
+        raise click.ClickException(
+            f"erased {summary} (audit event seq {seq}): the values are unreadable, but "
+            f"scrubbing the key store failed ({type(exc).__name__}: {exc}), so the destroyed "
+            f"keys' old bytes may stay in {store.path} and its WAL until it is VACUUMed"
+        ) from None
     try:
         projector.reproject(conn, plan.calls, plan.broadcasts)
     except sqlite3.Error as exc:
@@ -116,13 +127,12 @@ def erase(
             "the audit event"
         ) from None
     try:
-        clean = erasure.scrub(conn, wait)
-        keys_clean = erasure.scrub(store.conn, wait)
+        clean = erasure.scrub(conn, scrub_wait)
     except sqlite3.Error as exc:
         raise click.ClickException(
             f"erased {summary} (audit event seq {seq}): the values are unreadable, but "
-            f"scrubbing the files failed ({type(exc).__name__}: {exc}), so their old bytes "
-            "may stay in free pages and the WAL until the files are VACUUMed"
+            f"scrubbing the database failed ({type(exc).__name__}: {exc}), so their old "
+            "bytes may stay in free pages and the WAL until it is VACUUMed"
         ) from None
     conn.close()
     click.echo(f"erased {summary}; audit event seq {seq}")

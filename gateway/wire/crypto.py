@@ -384,7 +384,7 @@ def decode_plaintext(data: bytes, encoding: str) -> str:
 # Deeper than this is no EnableX event (theirs nest three levels), and orjson, which
 # stores and re-reads every event, refuses to write more than 255 levels.
 MAX_JSON_DEPTH = 64
-_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1  # what SQLite (and orjson) can store
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what SQLite (and orjson) can store
 
 
 class _Unstorable(ValueError):
@@ -410,7 +410,7 @@ def _int64(text: str) -> int:
     past 64 bits and SQLite none past 63, so the event would be accepted, then fail to be
     sealed or projected."""
     value = int(text)
-    if not _INT_MIN <= value <= _INT_MAX:
+    if not INT_MIN <= value <= INT_MAX:
         raise _Unstorable("integer beyond 64 bits")
     return value
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, pre_load
 
+from gateway.wire.crypto import INT_MAX, INT_MIN
+
 VOICE_ID_KEYS = ("voice_id", "voice_Id", "voiceId", "VoiceId")
 BROADCAST_ID_KEYS = ("broadcast_id", "broadcastId")
 TIMESTAMP_KEYS = ("timestamp", "timeStamp")
@@ -172,7 +174,8 @@ def _number(value: Any) -> int | float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value  # the strict parser admits 64-bit integers only
+        # The strict parser admits what SQLite can store; others may call this directly.
+        return value if INT_MIN <= value <= INT_MAX else None
     if isinstance(value, str):
         try:
             value = float(value)
@@ -181,8 +184,8 @@ def _number(value: Any) -> int | float | None:
     if isinstance(value, float):
         if not math.isfinite(value):
             return None
-        # Whole numbers as ints, as long as JSON tools can write them back (64 bits).
-        return int(value) if value.is_integer() and abs(value) < 2**63 else value
+        # Whole numbers as ints, as long as SQLite can store them; larger ones stay floats.
+        return int(value) if value.is_integer() and INT_MIN <= value <= INT_MAX else value
     return None
 
 
