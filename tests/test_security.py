@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -164,3 +165,66 @@ def test_serve_warns_when_anyone_can_add_events(tmp_path: Path) -> None:
         log = running.log_path.read_text()
         assert ("anyone who can reach this port can add events" in log) is warned, log[:500]
         assert "t0ken-path" not in log
+
+
+def test_a_flood_of_unauthenticated_requests_costs_one_key_a_day(tmp_path: Path) -> None:
+    """Each wrong-token or wrong-method request was kept with a data key of its own, one
+    key-store transaction (and fsync) per request: a crawl's 4,000 requests made 4,000
+    keys. Bodies refused before interpretation now share their day's key; a request
+    that reached the endpoint still gets one of its own, and erasing a caller found in an
+    unread body shreds that shared key, after which new unread bodies get a fresh one."""
+    db = str(tmp_path / "callgate.db")
+    server = RunningServer(db, server_env(CALLGATE_WEBHOOK_TOKEN=TOKEN), workers=2).start()
+    keys = tmp_path / "callgate-keys.db"
+
+    def key_count() -> int:
+        conn = sqlite3.connect(keys)
+        try:
+            return conn.execute("SELECT count(*) FROM data_keys").fetchone()[0]
+        finally:
+            conn.close()
+
+    headers = {"content-type": "application/json"}
+    try:
+        before = key_count()
+        with httpx.Client(timeout=30) as http:
+            for n in range(60):
+                http.post(f"{server.url}/webhooks/enablex/guess-{n}", headers=headers,
+                          content=json.dumps({**FORGED, "from": f"+44 20 7000 {n:04d}"}))
+                http.delete(f"{server.url}/webhooks/enablex", headers=headers)
+            assert key_count() - before == 1
+            read = http.post(f"{server.url}/webhooks/enablex/{TOKEN}", headers=headers,
+                             content=b'{"encrypted_data": "zz"}')
+            assert read.status_code == 400 and key_count() - before == 2
+    finally:
+        server.stop()
+    conn = connect(db)
+    unseal = sealing.Opener(keystore.for_database(conn))
+    bodies = [unseal.body(r[0]) for r in conn.execute("SELECT body FROM rejections")]
+    conn.close()
+    assert len(bodies) == 121 and all(b is not None for b in bodies)
+    assert b"+44 20 7000 0007" in bodies[14]
+
+    erased = subprocess.run(
+        [CALLGATE, "erase", "--number", "442070000007", "--yes", "--db", db],
+        env=server_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert erased.returncode == 0, erased.stderr
+    assert "1 refused request(s)" in erased.stdout, erased.stdout
+    cached = connect(db)
+    keystore.forget(cached)  # this process cached the shared key before the erasure
+    cached.close()
+    server = RunningServer(db, server_env(CALLGATE_WEBHOOK_TOKEN=TOKEN), workers=1).start()
+    try:
+        httpx.post(f"{server.url}/webhooks/enablex/guess-again", headers=headers,
+                   content=json.dumps(FORGED), timeout=30)
+    finally:
+        server.stop()
+    conn = connect(db)
+    unseal = sealing.Opener(keystore.for_database(conn))
+    rows = [r[0] for r in conn.execute("SELECT body FROM rejections ORDER BY id")]
+    opened = [unseal.body(body) for body in rows]
+    conn.close()
+    assert all(body is None for body in opened[:120])  # that day's unread bodies: shredded
+    assert opened[120] is not None  # the read refusal has a key of its own
+    assert opened[121] == json.dumps(FORGED).encode()  # a fresh shared key after the erasure

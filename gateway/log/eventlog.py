@@ -31,6 +31,7 @@ import sqlite_utils
 from gateway.db import GENESIS_HASH, log_head, transaction, utc_now
 from gateway.log import keystore, sealing
 from gateway.log.keystore import KeyStore
+from gateway.wire.ingest import REFUSED_UNREAD
 
 SCHEMA_VERSION = 3
 BODY_CAP = 64 * 1024
@@ -406,13 +407,14 @@ def record_rejection(
     be re-processed.
 
     The body is sealed under a key of its own (it may hold an event's personal data,
-    encrypted only with the app id), so `callgate erase` can shred it too. `body_size` is
+    encrypted only with the app id), so `callgate erase` can shred it too; a body refused
+    before interpretation under its day's key (`sealing.seal_body`). `body_size` is
     the size as received when `body` is already a capped copy (a rejection archived from
     the NATS stream)."""
     store = store if store is not None else keystore.for_database(conn)
     received = received_at or utc_now()
     stored = body[:BODY_CAP]
-    _, sealed_body = sealing.seal_body(store, stored, received)
+    _, sealed_body = sealing.seal_body(store, stored, received, error in REFUSED_UNREAD)
     size = len(body) if body_size is None else body_size
     cursor = conn.execute(
         "INSERT INTO rejections (received_at, error, detail, http_status, method, path, headers, "

@@ -16,13 +16,11 @@ from gateway.db import utc_now
 from gateway.log import eventlog, keystore, sealing
 from gateway.log.writer import BatchWriter
 from gateway.wire import schemas
-from gateway.wire.ingest import Accepted, Headers, Rejected, interpret
+from gateway.wire.ingest import REFUSED_UNREAD, Accepted, Headers, Rejected, interpret
 
-# Refused before the body was interpreted: the request never showed it came from EnableX
-# (wrong or missing path token) or was no webhook delivery at all (another method).
-# `reprocess` never re-interprets them: that would turn anything anyone can send to the
+# Refused before the body was interpreted (REFUSED_UNREAD, gateway/wire/ingest.py):
+# `reprocess` never re-interprets them, that would turn anything anyone can send to the
 # port into an event. They keep their metadata and only the start of the body.
-REFUSED_UNREAD = frozenset({"bad_token", "method_not_allowed"})
 UNREAD_BODY_CAP = 1024
 
 

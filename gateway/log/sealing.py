@@ -229,10 +229,25 @@ def body_unit(body: bytes | None) -> str | None:
     return body[len(BODY_PREFIX) :].partition(b"\0")[0].decode()
 
 
-def seal_body(store: KeyStore, body: bytes, created_at: str) -> tuple[str, bytes]:
-    """A refused request's body under a key of its own (unit `rejection:<random>`)."""
-    unit = "rejection:" + os.urandom(8).hex()
-    cipher = store.ensure({unit: ()}, created_at)[unit]
+def seal_body(
+    store: KeyStore, body: bytes, created_at: str, unread: bool = False
+) -> tuple[str, bytes]:
+    """A refused request's body under a key of its own (unit `rejection:<random>`), so
+    erasing one request's caller leaves the others readable.
+
+    `unread` bodies (refused before interpretation: anyone can send them, and nothing
+    ever re-reads them) share one key per UTC day and erasure epoch instead
+    (`rejection:unread:<day>:<epoch>`): a flood of them must not cost a key and a
+    key-store fsync each. Erasing a caller found in one of them destroys that key, all of
+    its unread bodies; the next erasure epoch starts a new key."""
+    cipher = None
+    if unread:
+        store.refresh()  # a key destroyed by another process is not used again
+        unit = f"rejection:unread:{created_at[:10]}:{store.epoch}"
+        cipher = store.ensure({unit: ()}, created_at)[unit]
+    if cipher is None:  # not unread, or that key was just shredded
+        unit = "rejection:" + os.urandom(8).hex()
+        cipher = store.ensure({unit: ()}, created_at)[unit]
     assert cipher is not None
     return unit, BODY_PREFIX + unit.encode() + b"\0" + _seal(
         cipher, body, unit.encode() + _AAD_BODY

@@ -28,6 +28,9 @@ STATUS = {
     "method_not_allowed": 405,
 }
 PLAINTEXT_LABEL = "plaintext"
+# Refused before the body was interpreted: the request never showed it came from EnableX
+# (wrong or missing path token) or was no webhook delivery at all (another method).
+REFUSED_UNREAD = frozenset({"bad_token", "method_not_allowed"})
 
 
 def public_code(code: str) -> str:
