@@ -237,6 +237,23 @@ class ArchiveOptions:
     wait: float = 30.0
 
 
+def in_order(last: int, seqs: list[int], fresh: bool) -> int:
+    """How many of a fetched batch continue the archive without a hole.
+
+    A live consumer hands out the stream's messages one after another, so a skipped
+    sequence is a message still in flight to an earlier fetch (one that timed out during
+    a leader change comes back only after ack_wait). Only the first delivery of a fresh
+    consumer may skip ahead: it starts at `last + 1`, and the server itself passes over
+    messages deleted from the stream, never one in flight."""
+    usable, previous = 0, last
+    for seq in seqs:
+        ok = seq > previous if fresh and usable == 0 else seq == previous + 1
+        if not ok:
+            break
+        usable, previous = usable + 1, seq
+    return usable
+
+
 class Archiver:
     """Holds the lock, pulls, commits, acks; goes back to standby if the lock is lost."""
 
@@ -257,6 +274,7 @@ class Archiver:
         self._lock_lost = asyncio.Event()
         self._revision = 0
         self._last = 0  # the newest stream sequence appended by this holder
+        self._fresh = True  # no batch committed since the consumer was (re)created
 
     async def run(self) -> Counts:
         nc = await nats_log.connect(self.settings, "callgate-archiver")
@@ -386,6 +404,7 @@ class Archiver:
             ),
         )
         self._last = done
+        self._fresh = True
         return await js.pull_subscribe_bind(CONSUMER, stream=stream)
 
     async def _archive(self, js: Any) -> None:
@@ -410,12 +429,20 @@ class Archiver:
             if messages:
                 entries = [decode(m) for m in messages]
                 seqs = [entry.stream_seq for entry in entries]
-                if seqs[0] <= self._last or seqs != sorted(set(seqs)):
-                    # A redelivery behind newer messages (ack_wait passed): never append
-                    # out of stream order; start over at the archive's position instead.
-                    log.warning("out-of-order delivery at %s; resetting the consumer", seqs[0])
+                usable = in_order(self._last, seqs, self._fresh)
+                if usable < len(seqs):
+                    # A hole or a step back: a message delivered to an earlier fetch that
+                    # timed out (a leader change) is still in flight, or ack_wait brought
+                    # one back behind newer ones. Appending past it would leave it out of
+                    # the archive for good (resuming starts after the highest position),
+                    # so commit what continues the archive, then start over after it.
+                    log.warning("delivery out of order at %s; resetting the consumer",
+                                seqs[usable])
                     subscription = None
-                    continue
+                    entries = entries[:usable]
+                    if not entries:
+                        continue
+                    seqs = seqs[:usable]
                 if not self._holding():
                     break  # another archiver may be active now: commit nothing
                 try:
@@ -427,6 +454,7 @@ class Archiver:
                     await asyncio.sleep(0.5)
                     continue
                 self._last = seqs[-1]
+                self._fresh = False
                 for entry in entries:
                     with contextlib.suppress(*nats_log.ERRORS):
                         await entry.msg.ack()
