@@ -14,7 +14,10 @@ acked only after that commit. So:
   nothing is appended twice: the batch is checked against the positions inside
   the same transaction;
 - a redelivered webhook outside JetStream's dedup window has a new stream
-  sequence but the same content hash: the log's unique index keeps it once.
+  sequence but the same content hash: the log's unique index keeps it once;
+- a batch is appended only as far as it continues the archive without a hole
+  (`in_order`): a message still in flight to an earlier, timed-out fetch must not be
+  overtaken, or resuming after the highest position would skip it.
 
 Only one archiver is active: the holder of key `archiver` in the KV bucket
 `<stream>_locks`, whose entries expire `lock_ttl` seconds after their last write.
