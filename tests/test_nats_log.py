@@ -310,24 +310,21 @@ def test_messages_a_dead_archiver_fetched_but_never_acked_are_archived_in_order(
     assert [d for _, d in events(db)] == wanted
 
 
-def test_the_archiver_never_commits_past_a_hole_in_the_stream_order() -> None:
+def test_the_archiver_never_commits_past_a_hole_in_its_deliveries() -> None:
     """The fault test lost 9 (CI) and 18 (under load) acknowledged events: the archive
-    waited out its 60 s and they never came. A fetch that timed out during a NATS leader
-    change leaves its messages in flight until ack_wait (60 s), while the next fetch
-    gets the newer ones; the archiver appended those past the hole, and resuming starts
-    after the highest position, so the held-back messages were never archived. Now only
-    the run that continues the archive is committed, and the consumer starts over after
-    it (so the missing message comes next)."""
-    assert archiver.in_order(10, [11, 12, 13], fresh=False) == 3
-    assert archiver.in_order(10, [12, 13], fresh=False) == 0  # 11 is in flight elsewhere
-    assert archiver.in_order(10, [11, 13, 14], fresh=False) == 1
-    assert archiver.in_order(10, [9, 10, 11], fresh=False) == 0  # back behind newer ones
-    assert archiver.in_order(10, [11, 11], fresh=False) == 1
-    # A fresh consumer starts at 11; the server skips what was deleted from the stream.
-    assert archiver.in_order(10, [14, 15], fresh=True) == 2
-    assert archiver.in_order(10, [10, 11], fresh=True) == 0
-    assert archiver.in_order(10, [14, 16], fresh=True) == 1
-    assert archiver.in_order(0, [], fresh=True) == 0
+    waited out its 60 s and they never came. A delivery lost in a reconnect or a NATS
+    leader change is held back until ack_wait (60 s) while the next fetch gets newer
+    messages; the archiver appended those past the hole, and resuming starts after the
+    highest position, so the held-back messages were never archived. Now only the run of
+    deliveries numbered without a gap is committed, and the consumer starts over after
+    it, so the missing message comes next. (stream sequence, delivery number) pairs:"""
+    assert archiver.in_order(10, 0, [(11, 1), (12, 2), (13, 3)]) == 3
+    assert archiver.in_order(10, 0, [(14, 1), (15, 2)]) == 2  # 11-13 deleted from the stream
+    assert archiver.in_order(10, 0, [(13, 3)]) == 0  # deliveries 1 and 2 never arrived
+    assert archiver.in_order(12, 2, [(13, 3), (15, 5)]) == 1  # delivery 4 lost
+    assert archiver.in_order(12, 2, [(11, 3)]) == 0  # a redelivery behind newer ones
+    assert archiver.in_order(12, 2, [(13, 3), (13, 4)]) == 1
+    assert archiver.in_order(0, 0, []) == 0
 
 
 def test_a_clean_archive_pass_leaves_no_lock_behind(

@@ -15,9 +15,9 @@ acked only after that commit. So:
   the same transaction;
 - a redelivered webhook outside JetStream's dedup window has a new stream
   sequence but the same content hash: the log's unique index keeps it once;
-- a batch is appended only as far as it continues the archive without a hole
-  (`in_order`): a message still in flight to an earlier, timed-out fetch must not be
-  overtaken, or resuming after the highest position would skip it.
+- a batch is appended only as far as the consumer's deliveries continue without a
+  hole (`in_order`): a delivery lost in a reconnect comes back only after ack_wait, and
+  must not be overtaken, or resuming after the highest position would skip it.
 
 Only one archiver is active: the holder of key `archiver` in the KV bucket
 `<stream>_locks`, whose entries expire `lock_ttl` seconds after their last write.
@@ -102,6 +102,7 @@ class Entry:
     kind: str
     body: dict[str, Any]
     msg: Any = field(repr=False, default=None)
+    delivery: int = 0  # the consumer's sequence: its deliveries, counted from 1
 
 
 _FIELDS = {
@@ -123,7 +124,7 @@ _FIELDS = {
 def decode(msg: Any) -> Entry:
     """A stream message as an Entry; anything not in our format is `unreadable` (kept as
     a position, acked, never retried forever)."""
-    seq = msg.metadata.sequence.stream
+    seq, delivery = msg.metadata.sequence.stream, msg.metadata.sequence.consumer
     try:
         body = json.loads(msg.data)
     except ValueError:
@@ -131,8 +132,8 @@ def decode(msg: Any) -> Entry:
     kind = body.get("kind") if isinstance(body, dict) else None
     fields = _FIELDS.get(kind) if isinstance(kind, str) else None
     if fields is None or not all(isinstance(body.get(k), t) for k, t in fields.items()):
-        return Entry(seq, msg.subject, "unreadable", {}, msg)
-    return Entry(seq, msg.subject, kind, body, msg)
+        return Entry(seq, msg.subject, "unreadable", {}, msg, delivery)
+    return Entry(seq, msg.subject, kind, body, msg, delivery)
 
 
 @dataclass
@@ -240,21 +241,29 @@ class ArchiveOptions:
     wait: float = 30.0
 
 
-def in_order(last: int, seqs: list[int], fresh: bool) -> int:
-    """How many of a fetched batch continue the archive without a hole.
+def in_order(last: int, delivered: int, batch: list[tuple[int, int]]) -> int:
+    """How many of a fetched batch of (stream sequence, delivery) continue the archive
+    without a hole.
 
-    A live consumer hands out the stream's messages one after another, so a skipped
-    sequence is a message still in flight to an earlier fetch (one that timed out during
-    a leader change comes back only after ack_wait). Only the first delivery of a fresh
-    consumer may skip ahead: it starts at `last + 1`, and the server itself passes over
-    messages deleted from the stream, never one in flight."""
-    usable, previous = 0, last
-    for seq in seqs:
-        ok = seq > previous if fresh and usable == 0 else seq == previous + 1
-        if not ok:
+    The consumer numbers its deliveries 1, 2, 3, … (a redelivery gets a new number): a
+    number skipped is a delivery that never reached us, lost in a reconnect or a leader
+    change, and held back until ack_wait. `delivered` is the number of the last message
+    committed since the consumer was created (0 for none), `last` its stream sequence.
+    Stream sequences only have to rise: the server passes over deleted messages itself.
+    A step back is a redelivery behind newer messages."""
+    usable = 0
+    for seq, delivery in batch:
+        if delivery != delivered + 1 or seq <= last:
             break
-        usable, previous = usable + 1, seq
+        usable, last, delivered = usable + 1, seq, delivery
     return usable
+
+
+async def _unsubscribe(subscription: Any) -> None:
+    """Drop a pull subscription before its consumer is recreated (best effort)."""
+    if subscription is not None:
+        with contextlib.suppress(*nats_log.ERRORS):
+            await subscription.unsubscribe()
 
 
 class Archiver:
@@ -277,7 +286,7 @@ class Archiver:
         self._lock_lost = asyncio.Event()
         self._revision = 0
         self._last = 0  # the newest stream sequence appended by this holder
-        self._fresh = True  # no batch committed since the consumer was (re)created
+        self._delivered = 0  # the consumer's delivery number of that message (0: none)
 
     async def run(self) -> Counts:
         nc = await nats_log.connect(self.settings, "callgate-archiver")
@@ -407,7 +416,7 @@ class Archiver:
             ),
         )
         self._last = done
-        self._fresh = True
+        self._delivered = 0
         return await js.pull_subscribe_bind(CONSUMER, stream=stream)
 
     async def _archive(self, js: Any) -> None:
@@ -432,15 +441,16 @@ class Archiver:
             if messages:
                 entries = [decode(m) for m in messages]
                 seqs = [entry.stream_seq for entry in entries]
-                usable = in_order(self._last, seqs, self._fresh)
+                batch = [(entry.stream_seq, entry.delivery) for entry in entries]
+                usable = in_order(self._last, self._delivered, batch)
                 if usable < len(seqs):
-                    # A hole or a step back: a message delivered to an earlier fetch that
-                    # timed out (a leader change) is still in flight, or ack_wait brought
-                    # one back behind newer ones. Appending past it would leave it out of
-                    # the archive for good (resuming starts after the highest position),
-                    # so commit what continues the archive, then start over after it.
+                    # A lost delivery (held back until ack_wait) or a redelivery behind
+                    # newer messages. Appending past it would leave it out of the archive
+                    # for good (resuming starts after the highest position), so commit
+                    # what continues the archive, then start over after it.
                     log.warning("delivery out of order at %s; resetting the consumer",
                                 seqs[usable])
+                    await _unsubscribe(subscription)
                     subscription = None
                     entries = entries[:usable]
                     if not entries:
@@ -453,11 +463,12 @@ class Archiver:
                 except sqlite3.Error as exc:
                     # Nothing committed, nothing acked: start over at the archive's position.
                     self.say(f"callgate archive: the archive could not commit ({exc}); retrying")
+                    await _unsubscribe(subscription)
                     subscription = None
                     await asyncio.sleep(0.5)
                     continue
                 self._last = seqs[-1]
-                self._fresh = False
+                self._delivered = entries[-1].delivery
                 for entry in entries:
                     with contextlib.suppress(*nats_log.ERRORS):
                         await entry.msg.ack()
