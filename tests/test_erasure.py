@@ -191,6 +191,18 @@ def test_erasing_a_corpus_number_leaves_no_trace(tmp_path: Path) -> None:
     assert any("918068475012" in text for text in opened_texts(db))
 
 
+def projected_call(tmp_path: Path, project: bool = True) -> tuple[str, str]:
+    """(database, voice_id): a log holding corpus flow 0, projected unless told not to."""
+    db = str(tmp_path / "callgate.db")
+    conn = open_log(db)
+    flow = flows()[0]
+    append_all(conn, flow.events)
+    if project:
+        projector.project_all(conn)
+    conn.close()
+    return db, flow.events[0]["voice_id"]
+
+
 def test_erase_of_an_unknown_number_or_call_says_so_and_exits_1(tmp_path: Path) -> None:
     db = str(tmp_path / "callgate.db")
     conn = open_log(db)
@@ -245,13 +257,7 @@ def test_a_busy_log_erases_nothing_and_says_so_then_erase_completes(tmp_path: Pa
     log stays busy, nothing is destroyed."""
     from gateway.log.writer import WriterLock
 
-    db = str(tmp_path / "callgate.db")
-    conn = open_log(db)
-    flow = flows()[0]
-    append_all(conn, flow.events)
-    projector.project_all(conn)
-    voice_id = flow.events[0]["voice_id"]
-    conn.close()
+    db, voice_id = projected_call(tmp_path)
     with WriterLock(db, 5.0):  # a gateway writer's turn that outlasts erase's wait
         busy = callgate("erase", "--call", voice_id, "--yes", "--wait", "0.5", "--db", db)
     assert busy.returncode == 1 and "Traceback" not in busy.stderr
@@ -273,12 +279,7 @@ def test_a_busy_log_erases_nothing_and_says_so_then_erase_completes(tmp_path: Pa
 def test_erase_warns_when_the_key_stores_wal_could_not_be_emptied(tmp_path: Path) -> None:
     """The key store's truncating checkpoint was fire-and-forget: with a reader holding the
     WAL, copies of the destroyed keys stayed in it without a word."""
-    db = str(tmp_path / "callgate.db")
-    conn = open_log(db)
-    flow = flows()[0]
-    append_all(conn, flow.events)
-    voice_id = flow.events[0]["voice_id"]
-    conn.close()
+    db, voice_id = projected_call(tmp_path, project=False)
     reader = sqlite3.connect(str(tmp_path / "callgate-keys.db"), isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM data_keys").fetchone()  # a snapshot: WAL pinned
@@ -295,12 +296,8 @@ def test_the_projector_refolds_what_an_erasure_event_names(tmp_path: Path) -> No
     from gateway.config import Config
     from gateway.log import erasure
 
-    db = str(tmp_path / "callgate.db")
-    conn = open_log(db)
-    flow = flows()[0]
-    append_all(conn, flow.events)
-    projector.project_all(conn)
-    voice_id = flow.events[0]["voice_id"]
+    db, voice_id = projected_call(tmp_path)
+    conn = connect(db)
     store = keystore.for_database(conn)
     plan = erasure.plan_call(conn, store, Config(db_path=db, app_ids=(APP_ID,)), voice_id)
     assert plan.calls == [voice_id]

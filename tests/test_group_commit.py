@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.queues import Queue
+from typing import Any
 
 import pytest
 
@@ -26,13 +27,21 @@ def new_event(n: int) -> eventlog.NewEvent:
     return eventlog.NewEvent(event, json.dumps(raw), raw, "plaintext", utc_now())
 
 
-def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
+def held_log(
+    db_path: str, **options: Any
+) -> tuple[sqlite3.Connection, BatchWriter, sqlite3.Connection]:
+    """(a connection, a writer, a blocker holding the write lock): submissions pile up
+    behind the writer's first attempt until the blocker commits."""
     conn = connect(db_path)
     eventlog.ensure_schema(conn)
-    writer = BatchWriter(db_path)
-    # Hold the write lock so submissions pile up behind the writer's first attempt.
+    writer = BatchWriter(db_path, **options)
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
+    return conn, writer, blocker
+
+
+def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
+    conn, writer, blocker = held_log(db_path)
     with ThreadPoolExecutor(32) as pool:
         futures = [pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(300)]
         time.sleep(0.5)
@@ -47,12 +56,8 @@ def test_queued_requests_share_one_commit_and_all_land(db_path) -> None:
 
 
 def test_each_commit_is_reported_and_a_failing_observer_loses_nothing(db_path) -> None:
-    conn = connect(db_path)
-    eventlog.ensure_schema(conn)
     told: list[tuple[int, float, float]] = []
-    writer = BatchWriter(db_path, observer=lambda *seen: told.append(seen))
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    conn, writer, blocker = held_log(db_path, observer=lambda *seen: told.append(seen))
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(40)]
         time.sleep(0.2)
@@ -73,11 +78,7 @@ def test_each_commit_is_reported_and_a_failing_observer_loses_nothing(db_path) -
 
 
 def test_duplicates_inside_one_batch_get_the_first_seq(db_path) -> None:
-    conn = connect(db_path)
-    eventlog.ensure_schema(conn)
-    writer = BatchWriter(db_path)
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    conn, writer, blocker = held_log(db_path)
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(writer.submit, lambda c: new_event(7)) for _ in range(8)]
         time.sleep(0.2)
@@ -103,11 +104,7 @@ def unstorable_event(n: int) -> eventlog.NewEvent:
 
 def test_one_event_the_log_cannot_take_fails_alone_and_its_batch_is_committed(db_path) -> None:
     """Before, it failed every event of its batch: requests answered 503 and kept nowhere."""
-    conn = connect(db_path)
-    eventlog.ensure_schema(conn)
-    writer = BatchWriter(db_path)
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    conn, writer, blocker = held_log(db_path)
     with ThreadPoolExecutor(16) as pool:
         futures = {n: pool.submit(writer.submit, lambda c, n=n: new_event(n)) for n in range(30)}
         poison = pool.submit(writer.submit, lambda c: unstorable_event(1))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -107,33 +109,19 @@ def erase(
         seq = erasure.destroy(conn, store, plan, reason, wait)
     except erasure.ErasureFailed as exc:
         raise click.ClickException(str(exc)) from None
+    done = f"erased {summary} (audit event seq {seq}): the values are unreadable"
+    scrub_wait = min(wait, erasure.SCRUB_WAIT_SECONDS)
     # The key store first: the keys' old bytes must go even if a later step fails, and a
     # second run would find nothing to erase.
-    scrub_wait = min(wait, erasure.SCRUB_WAIT_SECONDS)
-    try:
+    with _after_erasure(done, f"the destroyed keys' old bytes may stay in {store.path} "
+                        "and its WAL until it is VACUUMed"):
         keys_clean = erasure.scrub(store.conn, scrub_wait)
-    except sqlite3.Error as exc:
-        raise click.ClickException(
-            f"erased {summary} (audit event seq {seq}): the values are unreadable, but "
-            f"scrubbing the key store failed ({type(exc).__name__}: {exc}), so the destroyed "
-            f"keys' old bytes may stay in {store.path} and its WAL until it is VACUUMed"
-        ) from None
-    try:
+    with _after_erasure(done, "their projections keep the values until `callgate project` "
+                        "re-folds them from the audit event"):
         projector.reproject(conn, plan.calls, plan.broadcasts)
-    except sqlite3.Error as exc:
-        raise click.ClickException(
-            f"erased {summary} (audit event seq {seq}), but re-folding their projections "
-            f"failed ({type(exc).__name__}: {exc}); `callgate project` re-folds them from "
-            "the audit event"
-        ) from None
-    try:
+    with _after_erasure(done, "their old bytes may stay in the database's free pages and "
+                        "WAL until it is VACUUMed"):
         clean = erasure.scrub(conn, scrub_wait)
-    except sqlite3.Error as exc:
-        raise click.ClickException(
-            f"erased {summary} (audit event seq {seq}): the values are unreadable, but "
-            f"scrubbing the database failed ({type(exc).__name__}: {exc}), so their old "
-            "bytes may stay in free pages and the WAL until it is VACUUMed"
-        ) from None
     conn.close()
     click.echo(f"erased {summary}; audit event seq {seq}")
     if not keys_clean:
@@ -150,3 +138,15 @@ def erase(
             "`callgate verify`, which checkpoints)",
             err=True,
         )
+
+
+@contextlib.contextmanager
+def _after_erasure(done: str, consequence: str) -> Iterator[None]:
+    """A step after the keys were destroyed: a storage error is a clear message saying
+    what did happen and what it leaves, never a traceback."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise click.ClickException(
+            f"{done}, but a later step failed ({type(exc).__name__}: {exc}): {consequence}"
+        ) from None

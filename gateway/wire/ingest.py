@@ -58,7 +58,7 @@ class Rejected:
 
     def response(self) -> dict[str, str]:
         """What the client sees; decrypt-stage codes are collapsed into one answer."""
-        if public_code(self.code) != self.code:
+        if self.code in DECRYPT_STAGE:
             return dict(UNDECRYPTABLE)
         return {"error": self.code, "detail": self.detail}
 
